@@ -1,0 +1,8 @@
+"""Fused model-merge kernels (TIES, DARE, task arithmetic) with a torch reference/CPU path.
+
+Imports only torch at import time; triton is imported when a Triton backend runs.
+"""
+
+from .api import dare_merge, task_arithmetic, ties_merge
+
+__all__ = ["dare_merge", "task_arithmetic", "ties_merge"]

@@ -1,0 +1,127 @@
+"""Public merge functions: validate once, then run the fused Triton kernel or the torch path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from . import reference
+from .inputs import (
+    ExpertsLike,
+    MergeInputs,
+    check_lambda,
+    check_rescale,
+    check_seed,
+    prepare_inputs,
+)
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def ties_merge(
+    base: torch.Tensor,
+    experts: ExpertsLike,
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """TIES: trim each delta to its top-density magnitudes, elect signs, average the agreeing.
+
+    Matches mergekit's `ties` (numerics.md): exactly `max(1, int(density * numel))` entries kept
+    per expert (ties at the threshold: lowest index first), sign elected from the sum of weighted
+    trimmed deltas, disjoint weighted mean when `normalize`, fp32 accumulation.
+
+    >>> merged = ties_merge(base, [e1, e2, e3], weights=[1, 1, 1], densities=[0.2] * 3)
+    """
+    inputs = prepare_inputs(base, experts, weights, densities)
+    lambda_ = check_lambda(lambda_)
+    if _use_triton(backend, inputs):
+        from .ties import ties_merge_triton
+
+        return ties_merge_triton(inputs, normalize=normalize, lambda_=lambda_)
+    return reference.ties_merge_torch(inputs, normalize=normalize, lambda_=lambda_)
+
+
+def dare_merge(
+    base: torch.Tensor,
+    experts: ExpertsLike,
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    consensus: bool = False,
+    normalize: bool = False,
+    rescale: Literal["l1", "inverse"] | None = "l1",
+    lambda_: float = 1.0,
+    seed: int = 0,
+    stream: int = 0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """DARE: drop each delta entry with probability 1 - density, rescale, then merge.
+
+    `consensus=True` is mergekit's `dare_ties`, False its `dare_linear`. `rescale="l1"` matches
+    the kept deltas' L1 norm to the full delta's (mergekit), "inverse" divides by density (the
+    DARE paper). Keep decisions depend only on (seed, stream, expert index, element index), so
+    every backend keeps the same entries; they differ from mergekit's `torch.bernoulli` stream.
+
+    >>> merged = dare_merge(base, experts, weights=[0.5, 0.5], densities=[0.8, 0.8], seed=1)
+    """
+    inputs = prepare_inputs(base, experts, weights, densities)
+    options = dict(
+        consensus=consensus,
+        normalize=normalize,
+        rescale=check_rescale(rescale),
+        lambda_=check_lambda(lambda_),
+        seed=check_seed("seed", seed),
+        stream=check_seed("stream", stream),
+    )
+    if _use_triton(backend, inputs):
+        from .dare import dare_merge_triton
+
+        return dare_merge_triton(inputs, **options)
+    return reference.dare_merge_torch(inputs, **options)
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    experts: ExpertsLike,
+    *,
+    weights: Sequence[float],
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Task arithmetic: base + lambda * sum_i weight_i * delta_i (over sum_i weight_i if normalize).
+
+    The paper's Average is `weights=[1/k] * k`; its TA adds `lambda_=0.8`.
+
+    >>> average = task_arithmetic(base, experts, weights=[1 / len(experts)] * len(experts))
+    """
+    inputs = prepare_inputs(base, experts, weights)
+    lambda_ = check_lambda(lambda_)
+    if _use_triton(backend, inputs):
+        from .linear import task_arithmetic_triton
+
+        return task_arithmetic_triton(inputs, normalize=normalize, lambda_=lambda_)
+    return reference.task_arithmetic_torch(inputs, normalize=normalize, lambda_=lambda_)
+
+
+def _use_triton(backend: Backend, inputs: MergeInputs) -> bool:
+    on_cuda = inputs.base.is_cuda
+    if backend == "auto":
+        return on_cuda
+    if backend == "torch":
+        return False
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r}; use 'auto', 'triton' or 'torch'.")
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
+            "triton is first imported (the Triton interpreter), or use backend='torch'."
+        )
+    return True

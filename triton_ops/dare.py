@@ -1,0 +1,211 @@
+"""Fused DARE merge (drop and rescale), with or without TIES sign consensus.
+
+Keep decisions come from counter-based Philox draws (see philox.py), so the L1 pass and the merge
+pass regenerate the same mask instead of storing it. Passes over the inputs:
+1. Only for `rescale="l1"`: per block and expert, sum |delta| and sum |kept delta| (per-block
+   partials, summed by torch: deterministic), and count non-finite deltas.
+2. The merge: drop, scale by weight x rescale factor, then a plain sum or the sign-elected
+   disjoint mean, fp32 accumulation, base added and the output written once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import NONFINITE_KEY, MergeInputs, raise_for_nonfinite
+from .kernel_utils import (
+    accumulate_signed,
+    block_offsets,
+    count_nonfinite,
+    elect_and_mix,
+    expert_pointer_table,
+    float32_table,
+    load_delta,
+    merge_grid,
+    random_keep,
+    store_merged,
+)
+from .philox import expert_key, keep_threshold
+from .reference import dare_factors, linear_divisor
+
+BLOCK = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _dare_l1_kernel(
+    base_ptr,
+    expert_ptrs,
+    key_ptr,
+    threshold_ptr,
+    partial_ptr,
+    nonfinite_ptr,
+    numel,
+    num_experts,
+    NONFINITE_KEY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    start, offsets, in_bounds = block_offsets(numel, BLOCK)
+    base = tl.load(base_ptr + offsets, mask=in_bounds, other=0.0)
+    num_blocks = tl.num_programs(0)
+    for i in range(num_experts):
+        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds)
+        magnitude = tl.abs(delta.to(tl.float32))
+        keep = random_keep(tl.load(key_ptr + i), start, tl.load(threshold_ptr + i), BLOCK)
+        row = partial_ptr + 2 * i * num_blocks + tl.program_id(0)
+        tl.store(row, tl.sum(magnitude))
+        tl.store(row + num_blocks, tl.sum(tl.where(keep, magnitude, 0.0)))
+        tl.atomic_add(nonfinite_ptr + i, count_nonfinite(delta, NONFINITE_KEY))
+
+
+@triton.jit
+def _merge_kernel(
+    base_ptr,
+    expert_ptrs,
+    out_ptr,
+    key_ptr,
+    threshold_ptr,
+    factor_ptr,
+    weight_ptr,
+    nonfinite_ptr,
+    numel,
+    num_experts,
+    divisor,
+    lambda_,
+    DROP: tl.constexpr,
+    CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    APPLY_LAMBDA: tl.constexpr,
+    COUNT_NONFINITE: tl.constexpr,
+    NONFINITE_KEY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """base + lambda * merge_i(factor_i * keep_i * delta_i); task arithmetic is DROP=False."""
+    start, offsets, in_bounds = block_offsets(numel, BLOCK)
+    base = tl.load(base_ptr + offsets, mask=in_bounds, other=0.0)
+    positive = tl.zeros((BLOCK,), tl.float32)
+    negative = tl.zeros((BLOCK,), tl.float32)
+    positive_weight = tl.zeros((BLOCK,), tl.float32)
+    negative_weight = tl.zeros((BLOCK,), tl.float32)
+    for i in range(num_experts):
+        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds)
+        if COUNT_NONFINITE:
+            tl.atomic_add(nonfinite_ptr + i, count_nonfinite(delta, NONFINITE_KEY))
+        weighted = delta.to(tl.float32) * tl.load(factor_ptr + i)
+        if DROP:
+            keep = random_keep(tl.load(key_ptr + i), start, tl.load(threshold_ptr + i), BLOCK)
+            weighted = tl.where(keep, weighted, 0.0)
+        if CONSENSUS:
+            weight = tl.load(weight_ptr + i)
+            positive, negative, positive_weight, negative_weight = accumulate_signed(
+                weighted, weight, positive, negative, positive_weight, negative_weight
+            )
+        else:
+            positive += weighted
+    if CONSENSUS:
+        mixed = elect_and_mix(positive, negative, positive_weight, negative_weight, NORMALIZE)
+    elif NORMALIZE:
+        mixed = positive / divisor
+    else:
+        mixed = positive
+    store_merged(out_ptr, offsets, in_bounds, base, mixed, lambda_, APPLY_LAMBDA)
+
+
+def dare_merge_triton(
+    inputs: MergeInputs,
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: str | None,
+    lambda_: float,
+    seed: int,
+    stream: int,
+) -> torch.Tensor:
+    device = inputs.base.device
+    keys = torch.tensor(
+        [expert_key(seed, stream, i) for i in range(inputs.num_experts)], device=device
+    )
+    thresholds = torch.tensor([keep_threshold(d) for d in inputs.densities], device=device)
+    l1_sums = _l1_sums(inputs, keys, thresholds) if rescale == "l1" else None
+    factors = dare_factors(inputs.weights, inputs.densities, rescale, l1_sums)
+    return launch_merge(
+        inputs,
+        factors,
+        keys=keys,
+        thresholds=thresholds,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+        check_finite=l1_sums is None,
+    )
+
+
+def launch_merge(
+    inputs: MergeInputs,
+    factors: list[float],
+    *,
+    keys: torch.Tensor | None,
+    thresholds: torch.Tensor | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    check_finite: bool,
+) -> torch.Tensor:
+    """Run the fused merge pass; `keys=None` keeps every entry (task arithmetic)."""
+    out = torch.empty_like(inputs.base)
+    if inputs.numel == 0:
+        return out.view(inputs.shape)
+    device = inputs.base.device
+    nonfinite = torch.zeros(inputs.num_experts, dtype=torch.int32, device=device)
+    drop = keys is not None
+    _merge_kernel[merge_grid(inputs, BLOCK)](
+        inputs.base,
+        expert_pointer_table(inputs.experts),
+        out,
+        keys if drop else nonfinite,
+        thresholds if drop else nonfinite,
+        float32_table(factors, device),
+        float32_table(inputs.weights, device),
+        nonfinite,
+        inputs.numel,
+        inputs.num_experts,
+        linear_divisor(inputs.weights),
+        lambda_,
+        DROP=drop,
+        CONSENSUS=consensus,
+        NORMALIZE=normalize,
+        APPLY_LAMBDA=lambda_ != 1.0,
+        COUNT_NONFINITE=check_finite,
+        NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    if check_finite:
+        raise_for_nonfinite(inputs.base, nonfinite.tolist())
+    return out.view(inputs.shape)
+
+
+def _l1_sums(
+    inputs: MergeInputs, keys: torch.Tensor, thresholds: torch.Tensor
+) -> list[tuple[float, float]]:
+    grid = merge_grid(inputs, BLOCK)
+    partial = torch.zeros((inputs.num_experts, 2, grid[0]), dtype=torch.float32, device=keys.device)
+    nonfinite = torch.zeros(inputs.num_experts, dtype=torch.int32, device=keys.device)
+    if inputs.numel:
+        _dare_l1_kernel[grid](
+            inputs.base,
+            expert_pointer_table(inputs.experts),
+            keys,
+            thresholds,
+            partial,
+            nonfinite,
+            inputs.numel,
+            inputs.num_experts,
+            NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+    raise_for_nonfinite(inputs.base, nonfinite.tolist())
+    return [tuple(pair) for pair in partial.sum(2, dtype=torch.float64).tolist()]

@@ -1,0 +1,173 @@
+"""What a valid merge call is: checked once, shared by the Triton kernels and the torch path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ExpertsLike = Sequence[torch.Tensor] | torch.Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# |delta| as an integer: the sign bit cleared. For non-negative floats the integer order of the bit
+# pattern is the numeric order, so "k-th largest |delta|" becomes a radix select on integers.
+KEY_BITS = {torch.float32: 31, torch.bfloat16: 15, torch.float16: 15}
+# Smallest key of an Inf; NaNs are above it.
+NONFINITE_KEY = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+RESCALE_MODES = ("l1", "inverse", None)
+MAX_SEED = 2**63
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """A validated merge problem: flat contiguous tensors and one float per expert."""
+
+    base: torch.Tensor
+    experts: tuple[torch.Tensor, ...]
+    shape: torch.Size
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+
+def prepare_inputs(
+    base: torch.Tensor,
+    experts: ExpertsLike,
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+) -> MergeInputs:
+    """Validate a merge call and flatten its tensors; ValueError names the problem and the fix."""
+    if not isinstance(base, torch.Tensor):
+        raise TypeError(f"base must be a torch.Tensor, got {type(base).__name__}")
+    if base.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"base has dtype {base.dtype}; merges support float32, bfloat16 and float16. "
+            "Cast the base and experts to one of them first."
+        )
+    expert_list = _as_expert_list(experts)
+    for index, expert in enumerate(expert_list):
+        _check_expert(index, expert, base)
+    k = len(expert_list)
+    weights = _per_expert_floats("weights", weights, k)
+    if densities is None:
+        densities = (1.0,) * k
+    densities = _per_expert_floats("densities", densities, k)
+    for index, density in enumerate(densities):
+        if not 0.0 < density <= 1.0:
+            raise ValueError(
+                f"density of expert {index} is {density}; it must be in (0, 1]. "
+                "Use 1.0 to keep every entry of the delta."
+            )
+    return MergeInputs(
+        base=base.reshape(-1).contiguous(),
+        experts=tuple(e.reshape(-1).contiguous() for e in expert_list),
+        shape=base.shape,
+        weights=weights,
+        densities=densities,
+    )
+
+
+def check_lambda(lambda_: float) -> float:
+    if not math.isfinite(lambda_):
+        raise ValueError(f"lambda_ is {lambda_}; it must be finite (1.0 leaves deltas unscaled).")
+    return float(lambda_)
+
+
+def check_rescale(rescale: str | None) -> str | None:
+    if rescale not in RESCALE_MODES:
+        raise ValueError(
+            f"rescale={rescale!r} is not supported; use 'l1' (mergekit's L1-norm matching), "
+            "'inverse' (1/density, as in the DARE paper) or None."
+        )
+    return rescale
+
+
+def check_seed(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+        raise ValueError(f"{name}={value!r} must be an integer in [0, 2**63).")
+    return value
+
+
+def kept_count(density: float, numel: int) -> int:
+    """Entries a magnitude trim keeps, exactly as mergekit counts them (`int()` truncates)."""
+    if density >= 1.0:
+        return numel
+    return max(1, int(density * numel))
+
+
+def raise_for_nonfinite(base: torch.Tensor, counts: Sequence[int]) -> None:
+    """Turn per-expert counts of non-finite deltas into an error that says where they come from."""
+    bad = [(index, count) for index, count in enumerate(counts) if count]
+    if not bad:
+        return
+    base_bad = int((~torch.isfinite(base)).sum())
+    if base_bad:
+        raise ValueError(
+            f"the base tensor has {base_bad} non-finite values (NaN or Inf); every merged entry "
+            "there would be non-finite. Check the base checkpoint, or repair it with "
+            "torch.nan_to_num before merging."
+        )
+    index, count = bad[0]
+    others = f" (experts {[i for i, _ in bad]} are affected)" if len(bad) > 1 else ""
+    raise ValueError(
+        f"expert {index} has {count} non-finite values (NaN or Inf, or an overflow of its delta "
+        f"from the base in the compute dtype){others}. Check that expert's checkpoint, or repair "
+        "it with torch.nan_to_num; if the delta overflows float16, merge in float32 or bfloat16."
+    )
+
+
+def _as_expert_list(experts: ExpertsLike) -> list[torch.Tensor]:
+    if isinstance(experts, torch.Tensor):
+        expert_list = list(experts.unbind(0)) if experts.dim() > 0 else []
+    else:
+        expert_list = list(experts)
+    if not expert_list:
+        raise ValueError(
+            "no experts given (k = 0): a merge needs at least one expert tensor. "
+            "Without experts the merge is just the base; use the base tensor directly."
+        )
+    return expert_list
+
+
+def _check_expert(index: int, expert: object, base: torch.Tensor) -> None:
+    if not isinstance(expert, torch.Tensor):
+        raise TypeError(f"expert {index} must be a torch.Tensor, got {type(expert).__name__}")
+    if expert.shape != base.shape:
+        raise ValueError(
+            f"expert {index} has shape {tuple(expert.shape)} but the base has shape "
+            f"{tuple(base.shape)}; every expert must be the same tensor of a model with the "
+            "base's architecture."
+        )
+    if expert.dtype != base.dtype:
+        raise ValueError(
+            f"expert {index} has dtype {expert.dtype} but the base has {base.dtype}; cast the "
+            "experts to the base dtype (expert.to(base.dtype)) so deltas are computed in one dtype."
+        )
+    if expert.device != base.device:
+        raise ValueError(
+            f"expert {index} is on {expert.device} but the base is on {base.device}; move every "
+            "tensor to one device before merging."
+        )
+
+
+def _per_expert_floats(name: str, values: Sequence[float], k: int) -> tuple[float, ...]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    values = tuple(float(v) for v in values)
+    if len(values) != k:
+        raise ValueError(f"got {len(values)} {name} for {k} experts; pass exactly one per expert.")
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}[{index}] is {value}; every value must be finite.")
+    return values
