@@ -181,6 +181,7 @@ def launch_merge(
         NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     if check_finite:
         raise_for_nonfinite(inputs.base, nonfinite.tolist())
@@ -206,6 +207,7 @@ def _l1_sums(
             NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
     raise_for_nonfinite(inputs.base, nonfinite.tolist())
     return [tuple(pair) for pair in partial.sum(2, dtype=torch.float64).tolist()]

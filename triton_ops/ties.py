@@ -165,6 +165,7 @@ def ties_merge_triton(inputs: MergeInputs, *, normalize: bool, lambda_: float) -
             k,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
         ties_before = ties.cumsum(1) - ties
         ties_kept = torch.where(ties_kept < ties_total, ties_kept, ties.sum(1))
@@ -188,6 +189,7 @@ def ties_merge_triton(inputs: MergeInputs, *, normalize: bool, lambda_: float) -
         NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     if len(trimmed) < k:
         raise_for_nonfinite(inputs.base, nonfinite.tolist())
@@ -227,6 +229,7 @@ def _radix_select(
             NUM_BINS=NUM_BINS,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
         if high == key_bits:
             _check_finite(inputs, trimmed, nonfinite)
