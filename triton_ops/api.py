@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -44,7 +45,8 @@ def ties_merge(
     if _use_triton(backend, inputs):
         from .ties import ties_merge_triton
 
-        return ties_merge_triton(inputs, normalize=normalize, lambda_=lambda_)
+        with _kernel_device(inputs):
+            return ties_merge_triton(inputs, normalize=normalize, lambda_=lambda_)
     return reference.ties_merge_torch(inputs, normalize=normalize, lambda_=lambda_)
 
 
@@ -83,7 +85,8 @@ def dare_merge(
     if _use_triton(backend, inputs):
         from .dare import dare_merge_triton
 
-        return dare_merge_triton(inputs, **options)
+        with _kernel_device(inputs):
+            return dare_merge_triton(inputs, **options)
     return reference.dare_merge_torch(inputs, **options)
 
 
@@ -107,7 +110,8 @@ def task_arithmetic(
     if _use_triton(backend, inputs):
         from .linear import task_arithmetic_triton
 
-        return task_arithmetic_triton(inputs, normalize=normalize, lambda_=lambda_)
+        with _kernel_device(inputs):
+            return task_arithmetic_triton(inputs, normalize=normalize, lambda_=lambda_)
     return reference.task_arithmetic_torch(inputs, normalize=normalize, lambda_=lambda_)
 
 
@@ -125,3 +129,10 @@ def _use_triton(backend: Backend, inputs: MergeInputs) -> bool:
             "triton is first imported (the Triton interpreter), or use backend='torch'."
         )
     return True
+
+
+def _kernel_device(inputs: MergeInputs) -> contextlib.AbstractContextManager:
+    """Kernels launch on the current CUDA device: make it the tensors' (cuda:1 and beyond)."""
+    if inputs.base.is_cuda:
+        return torch.cuda.device(inputs.base.device)
+    return contextlib.nullcontext()
