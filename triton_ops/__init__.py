@@ -4,5 +4,6 @@ Imports only torch at import time; triton is imported when a Triton backend runs
 """
 
 from .api import dare_merge, task_arithmetic, ties_merge
+from .philox import tensor_stream
 
-__all__ = ["dare_merge", "task_arithmetic", "ties_merge"]
+__all__ = ["dare_merge", "task_arithmetic", "tensor_stream", "ties_merge"]

@@ -11,6 +11,8 @@ tensor order keeps the same entries.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -35,6 +37,13 @@ def expert_key(seed: int, stream: int, expert_index: int) -> int:
     x = _splitmix64(x ^ stream)
     x = _splitmix64(x ^ expert_index)
     return x >> 1
+
+
+def tensor_stream(name: str) -> int:
+    """The stream of a named tensor (e.g. "model.layers.0.mlp.up_proj.weight"): a stable 63-bit
+    hash, never Python's salted `hash`, so masks do not depend on process or tensor order."""
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def keep_threshold(density: float) -> int:

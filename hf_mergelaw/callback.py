@@ -1,0 +1,145 @@
+"""`MergeScalingCallback`: training runs that produce experts keep the merging law up to date.
+
+When a run finishes (and, with `at_save=True`, at every checkpoint), the trained weights join the
+expert pool, a sweep of the pool runs (only new subsets are merged: earlier records are reused),
+the law `L_inf + A/(k+b)` is fitted, and `eval_merge_*` values reach `log_history` and the
+trackers through `trainer.log`. Main process only; results go to `<output_dir>/merge_scaling/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .cross_entropy import EvalSet
+from .experts import ExpertPool
+from .law import LawError, fit_sweep, marginal_gain, plan
+from .methods import MethodSpec
+from .results import ResultsFile
+from .subsets import STRATEGIES
+from .sweep import sweep_pool
+from .sweep_config import SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+
+class MergeScalingCallback(TrainerCallback):
+    """Add the trained model to `pool`, sweep, fit the law and log `eval_merge_*` values.
+
+    >>> pool = ExpertPool("base/", {"math": "ft/math", "code": "ft/code"})
+    >>> eval_set = build_eval_set(tokenizer, texts=held_out_texts)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train)
+    >>> trainer.add_callback(MergeScalingCallback(trainer, pool, eval_set, target_loss=2.1))
+    >>> trainer.train()
+    >>> [row for row in trainer.state.log_history if "eval_merge_floor" in row]
+
+    Logged: `eval_merge_floor` (L_inf), `eval_merge_tail` (A), `eval_merge_b`, `eval_merge_r2`,
+    `eval_merge_pool_size`, `eval_merge_next_expert_gain` (predicted CE drop from one more
+    expert), `eval_merge_k_for_target` (experts needed for `target_loss`; -1 when the target is
+    at or below the floor), and `eval_merge_ce_k{k}` (the measured mean CE per k) always, so a
+    pool too small to fit the law still reports something.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        pool: ExpertPool,
+        eval_data: EvalSet,
+        *,
+        expert_name: str | None = None,
+        method: Mapping[str, Any] | None = None,
+        per_k: int = 8,
+        strategy: str = "uniform",
+        seed: int = 0,
+        batch_size: int = 8,
+        target_loss: float | None = None,
+        at_save: bool = False,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
+        self.trainer = trainer
+        self.pool = pool
+        self.eval_set = eval_data
+        self.expert_name = expert_name
+        self.method = MethodSpec.from_config(method or {"name": "average"})
+        self.sampling = SamplingConfig(strategy=strategy, per_k=per_k, seed=seed)
+        self.batch_size = batch_size
+        self.target_loss = target_loss
+        self.at_save = at_save
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.at_save and state.is_world_process_zero:
+            self._add_and_measure(args, model, f"{self._run_name(args)}-step{state.global_step}")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            self._add_and_measure(args, model, self.expert_name or self._run_name(args))
+
+    def _add_and_measure(self, args: Any, model: Any, name: str) -> None:
+        self.pool.add_expert(_unique(name, self.pool.names), _unwrap(model))
+        output = Path(args.output_dir) / "merge_scaling" / "results.jsonl"
+        sweep_pool(
+            self.pool,
+            self.eval_set,
+            methods=[self.method],
+            ks=range(1, len(self.pool.names) + 1),
+            sampling=self.sampling,
+            output=output,
+            batch_size=self.batch_size,
+            progress=False,
+        )
+        records = [
+            r
+            for r in ResultsFile(output)
+            if r["method"] == self.method.label and set(r["subset"]) <= set(self.pool.names)
+        ]
+        self.trainer.log(self._metrics(records))
+
+    def _metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+        metrics: dict[str, float] = {"eval_merge_pool_size": float(len(self.pool.names))}
+        by_k: dict[int, list[float]] = {}
+        for record in records:
+            by_k.setdefault(record["k"], []).append(record["ce"])
+        for k, values in sorted(by_k.items()):
+            metrics[f"eval_merge_ce_k{k}"] = sum(values) / len(values)
+        try:
+            fit = fit_sweep(list(records), form="per-size").fits[0]
+        except LawError as error:
+            # Typically fewer distinct k than parameters (a pool of one or two experts).
+            logger.warning("merge law not fitted yet: %s", error)
+            return metrics
+        floor, tail, b = fit.params["L_inf"], fit.params["A"], fit.params["b"]
+        metrics.update(
+            eval_merge_floor=floor,
+            eval_merge_tail=tail,
+            eval_merge_b=b,
+            eval_merge_r2=fit.r2,
+            eval_merge_next_expert_gain=float(marginal_gain(len(self.pool.names), tail, b)),
+        )
+        if self.target_loss is not None:
+            answer = plan(fit, target_loss=self.target_loss)[0].k_for_target
+            metrics["eval_merge_k_for_target"] = float(answer if answer is not None else -1)
+        return metrics
+
+    @staticmethod
+    def _run_name(args: Any) -> str:
+        return args.run_name or Path(args.output_dir).name
+
+
+def _unique(name: str, taken: Sequence[str]) -> str:
+    candidate, suffix = name, 1
+    while candidate in taken:
+        suffix += 1
+        candidate = f"{name}-{suffix}"
+    return candidate
+
+
+def _unwrap(model: Any) -> Any:
+    """The plain transformers model under DDP/accelerate wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

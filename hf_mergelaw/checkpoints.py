@@ -1,0 +1,106 @@
+"""Lazy, read-only access to the tensors of a Hugging Face checkpoint directory.
+
+Shapes come from file headers (safetensors) or a memory-mapped `torch.load`, so validating a pool
+of experts reads no weights. Pickled `.bin` files load with `weights_only=True` only: a checkpoint
+that needs arbitrary unpickling is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class Checkpoint:
+    """Tensors of one checkpoint directory (single file or sharded, safetensors or .bin)."""
+
+    def __init__(self, path: str | Path, label: str) -> None:
+        self.path = Path(path)
+        self.label = label
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"{label}: {self.path} is not a directory. Point it at a checkpoint saved with "
+                "save_pretrained (config.json and model weights) or at a PEFT adapter directory."
+            )
+        self.config = _read_json(self.path / "config.json", label)
+        self._files = _weight_files(self.path, label)
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._file_of = {name: file for file, names in self._files.items() for name in names}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    @property
+    def memory_mapped(self) -> bool:
+        """True when every file is safetensors, so tensors can be read one at a time."""
+        return all(file.suffix == ".safetensors" for file in self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            return tuple(self._safetensors(file).get_slice(name).get_shape())
+        return tuple(self._pickle(file)[name].shape)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KeyError(f"{self.label}: no tensor {name!r} in {self.path}")
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            return self._safetensors(file).get_tensor(name)
+        return self._pickle(file)[name]
+
+    def _safetensors(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickled:
+            try:
+                self._pickled[file] = _load_pickle(file)
+            except Exception as error:
+                raise ValueError(
+                    f"{self.label}: {file} cannot be loaded with weights_only=True ({error}). "
+                    "Re-save the checkpoint with save_pretrained (safetensors) and retry."
+                ) from error
+        return self._pickled[file]
+
+
+def _weight_files(path: Path, label: str) -> dict[Path, list[str]]:
+    for name in SAFETENSORS_FILES + PICKLE_FILES:
+        file = path / name
+        if not file.exists():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = _read_json(file, label)["weight_map"]
+            files: dict[Path, list[str]] = {}
+            for tensor, shard in weight_map.items():
+                files.setdefault(path / shard, []).append(tensor)
+            return files
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                return {file: list(handle.keys())}
+        return {file: list(_load_pickle(file))}
+    looked_for = ", ".join(SAFETENSORS_FILES + PICKLE_FILES)
+    raise FileNotFoundError(f"{label}: {path} has no model weights (looked for {looked_for}).")
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _read_json(file: Path, label: str) -> dict:
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{label}: {file} is missing; a checkpoint directory needs the config.json that "
+            "save_pretrained writes."
+        )
+    return json.loads(file.read_text())

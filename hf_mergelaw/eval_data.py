@@ -1,0 +1,62 @@
+"""Held-out evaluation data of a sweep: JSON-lines files or `datasets` datasets, read offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .sweep_config import EvalConfig, SweepConfigError
+
+# build_eval_set keyword -> the EvalConfig key naming its field.
+COLUMN_FIELDS = {
+    "texts": "text_field",
+    "prompts": "prompt_field",
+    "responses": "response_field",
+    "domains": "domain_field",
+}
+
+
+def load_eval_columns(config: EvalConfig) -> dict[str, list[Any] | None]:
+    """The keyword arguments of `build_eval_set`: texts, or prompts and responses; domains."""
+    rows = _rows(config)
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]
+    if not rows:
+        raise SweepConfigError(f"eval data {config.data} (split {config.split!r}) is empty.")
+    columns: dict[str, list[Any] | None] = {}
+    for column, key in COLUMN_FIELDS.items():
+        field = getattr(config, key)
+        if field is None:
+            columns[column] = None
+            continue
+        missing = next((i for i, row in enumerate(rows) if field not in row), None)
+        if missing is not None:
+            raise SweepConfigError(
+                f"eval data {config.data}: record {missing} has no field {field!r}; set "
+                f"eval.{key} to one of its fields ({', '.join(rows[missing])})."
+            )
+        columns[column] = [row[field] for row in rows]
+    return columns
+
+
+def _rows(config: EvalConfig) -> list[dict[str, Any]]:
+    path = Path(config.data)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        with path.open() as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    import datasets
+
+    try:
+        if path.is_dir() and (path / "dataset_dict.json").exists():
+            dataset = datasets.load_from_disk(str(path))[config.split]
+        elif path.is_dir() and (path / "dataset_info.json").exists():
+            dataset = datasets.load_from_disk(str(path))
+        else:
+            dataset = datasets.load_dataset(config.data, split=config.split)
+    except Exception as error:
+        raise SweepConfigError(
+            f"eval data {config.data!r} could not be loaded ({error}). Use a JSON-lines file, a "
+            "dataset saved with save_to_disk, or a dataset available offline."
+        ) from error
+    return list(dataset)

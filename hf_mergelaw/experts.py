@@ -1,0 +1,240 @@
+"""A base model and its experts, loaded once, merged into one reusable model for every subset.
+
+Experts are full checkpoints (safetensors or `.bin` directories), PEFT LoRA adapter directories
+(densified through PEFT's own merge: the expert is base + the adapter's update) or in-memory
+models. Every expert is checked against the base, tensor by tensor, before anything is merged.
+
+Where expert weights live (`storage`):
+  "device"  on the merge device: fastest, when they fit;
+  "cpu"     in host memory, copied to the device one tensor at a time;
+  "disk"    read one tensor at a time from the safetensors files (memory-mapped).
+"auto" picks the first that fits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from triton_ops import tensor_stream
+
+from .checkpoints import Checkpoint
+from .methods import MethodSpec
+
+STORAGES = ("auto", "device", "cpu", "disk")
+# Config fields that must agree for two checkpoints to be experts of one base.
+ARCHITECTURE_FIELDS = ("model_type", "architectures", "vocab_size")
+_DEVICE_FRACTION = 0.7
+_HOST_FRACTION = 0.5
+
+
+@dataclass
+class Expert:
+    """One expert's tensors: in memory, in a checkpoint on disk, or equal to the base's."""
+
+    name: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+    same_as_base: frozenset[str] = frozenset()
+
+
+class ExpertPool:
+    """Base model plus named experts; `merge` writes a subset's merge into `self.model`.
+
+    >>> pool = ExpertPool("base/", {"math": "ft/math", "code": "ft/code", "bio": "lora/bio"})
+    >>> pool.merge(MethodSpec.from_config({"name": "ties", "density": 0.5}), ["math", "bio"])
+    >>> pool.model(**batch)  # the merged model
+    """
+
+    def __init__(
+        self,
+        base_model: str | Path,
+        experts: Mapping[str, str | Path] | Sequence[str | Path] = (),
+        *,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.bfloat16,
+        storage: str = "auto",
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r}; use one of {', '.join(STORAGES)}.")
+        self.base_path = Path(base_model)
+        self.base_checkpoint = Checkpoint(self.base_path, "base model")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.parameters = dict(self.model.named_parameters())
+        self.base_tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
+        self._check_base_checkpoint()
+        experts = _named(experts)
+        self.storage = storage if storage != "auto" else self._auto_storage(len(experts))
+        self.experts: dict[str, Expert] = {}
+        for name, path in experts.items():
+            self.add_expert(name, path)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def num_parameters_billions(self) -> float:
+        """N of the scaling law: parameters of the base, in billions."""
+        return sum(p.numel() for p in self.parameters.values()) / 1e9
+
+    def add_expert(self, name: str, source: str | Path | nn.Module) -> None:
+        """Add an expert from a checkpoint directory, a PEFT adapter directory or a model."""
+        if name in self.experts:
+            raise ValueError(f"the pool already has an expert named {name!r}; use another name.")
+        if isinstance(source, nn.Module):
+            expert = self._expert_from_module(name, source)
+        elif (Path(source) / "adapter_config.json").exists():
+            expert = self._expert_from_adapter(name, Path(source))
+        else:
+            expert = self._expert_from_checkpoint(name, Path(source))
+        self.experts[name] = expert
+
+    @torch.no_grad()
+    def merge(self, method: MethodSpec, subset: Sequence[str]) -> None:
+        """Overwrite the model's weights with the merge of `subset` (expert names)."""
+        unknown = [name for name in subset if name not in self.experts]
+        if unknown:
+            raise KeyError(f"no expert named {unknown[0]!r} in the pool ({', '.join(self.names)}).")
+        experts = [self.experts[name] for name in subset]
+        for name, parameter in self.parameters.items():
+            base = self.base_tensors[name]
+            if all(name in expert.same_as_base for expert in experts):
+                parameter.copy_(base)
+                continue
+            tensors = [self._expert_tensor(expert, name) for expert in experts]
+            parameter.copy_(method.merge(base, tensors, stream=tensor_stream(name)))
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        for name, parameter in self.parameters.items():
+            parameter.copy_(self.base_tensors[name])
+
+    def _expert_tensor(self, expert: Expert, name: str) -> torch.Tensor:
+        if name in expert.same_as_base:
+            return self.base_tensors[name]
+        if expert.checkpoint is not None:
+            tensor = expert.checkpoint.tensor(name)
+        else:
+            tensor = expert.tensors[name]
+        return tensor.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def _expert_from_checkpoint(self, name: str, path: Path) -> Expert:
+        checkpoint = Checkpoint(path, f"expert {name!r}")
+        self._check_architecture(name, checkpoint.config)
+        self._check_tensors(name, {n: checkpoint.shape(n) for n in checkpoint.names})
+        if self.storage == "disk" and checkpoint.memory_mapped:
+            return Expert(name, checkpoint=checkpoint)
+        return Expert(name, tensors=self._hold({n: checkpoint.tensor(n) for n in self.parameters}))
+
+    def _expert_from_module(self, name: str, model: nn.Module) -> Expert:
+        config = getattr(model, "config", None)
+        if config is not None:
+            self._check_architecture(name, config.to_dict())
+        tensors = dict(model.named_parameters())
+        self._check_tensors(name, {n: tuple(t.shape) for n, t in tensors.items()})
+        # A snapshot: training goes on updating the module's own tensors.
+        snapshot = {n: tensors[n].detach().clone() for n in self.parameters}
+        return Expert(name, tensors=self._hold(snapshot))
+
+    def _expert_from_adapter(self, name: str, path: Path) -> Expert:
+        """Densify a LoRA adapter: PEFT merges it into a copy of the base on the CPU."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        copy = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
+        try:
+            merged = PeftModel.from_pretrained(copy, path).merge_and_unload()
+        except Exception as error:
+            raise ValueError(
+                f"expert {name!r}: PEFT could not apply the adapter in {path} to the base model "
+                f"({error}). Was the adapter trained on this base model?"
+            ) from error
+        tensors = dict(merged.named_parameters())
+        self._check_tensors(name, {n: tuple(t.shape) for n, t in tensors.items()})
+        same = frozenset(
+            n for n in self.parameters if torch.equal(tensors[n], self.base_tensors[n].cpu())
+        )
+        held = {n: tensors[n].detach() for n in self.parameters if n not in same}
+        return Expert(name, tensors=self._hold(held), same_as_base=same)
+
+    def _hold(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target = self.device if self.storage == "device" else torch.device("cpu")
+        return {n: t.to(device=target, dtype=self.dtype) for n, t in tensors.items()}
+
+    def _check_base_checkpoint(self) -> None:
+        missing = [n for n in self.parameters if n not in set(self.base_checkpoint.names)]
+        if missing:
+            raise ValueError(
+                f"base model: {self.base_path} has no tensor {missing[0]!r} that the model "
+                "declares; the checkpoint does not match its config."
+            )
+
+    def _check_architecture(self, name: str, config: Mapping) -> None:
+        base = self.base_checkpoint.config
+        for key in ARCHITECTURE_FIELDS:
+            if config.get(key) != base.get(key):
+                raise ValueError(
+                    f"expert {name!r} has {key}={config.get(key)!r} but the base model has "
+                    f"{base.get(key)!r}; every expert must be fine-tuned from the base "
+                    "(same architecture and vocabulary)."
+                )
+
+    def _check_tensors(self, name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        for tensor, parameter in self.parameters.items():
+            if tensor not in shapes:
+                raise ValueError(
+                    f"expert {name!r} has no tensor {tensor!r}, which the base model has; "
+                    "it is not a checkpoint of the base's architecture."
+                )
+            if tuple(shapes[tensor]) != tuple(parameter.shape):
+                raise ValueError(
+                    f"expert {name!r}: tensor {tensor!r} has shape {tuple(shapes[tensor])} but "
+                    f"the base's has {tuple(parameter.shape)}; every expert must share the base's "
+                    "architecture (same hidden sizes, layers and vocabulary)."
+                )
+
+    def _auto_storage(self, num_experts: int) -> str:
+        expert_bytes = num_experts * sum(
+            p.numel() * p.element_size() for p in self.parameters.values()
+        )
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if expert_bytes < _DEVICE_FRACTION * free:
+                return "device"
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if expert_bytes < _HOST_FRACTION * available:
+            return "device" if self.device.type == "cpu" else "cpu"
+        return "disk"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _named(experts: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[str, str | Path]:
+    """Experts given as a list are named after their directories."""
+    if isinstance(experts, Mapping):
+        return dict(experts)
+    named: dict[str, str | Path] = {}
+    for path in experts:
+        name = Path(path).name
+        if name in named:
+            raise ValueError(
+                f"two experts are both named {name!r} after their directories; give the experts "
+                "as a mapping {name: path} instead of a list."
+            )
+        named[name] = path
+    return named

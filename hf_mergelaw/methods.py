@@ -1,0 +1,114 @@
+"""Merge methods a sweep can run, as the paper defines them: theta0 + sum_i (1/k) Psi(v_i).
+
+A `MethodSpec` is one entry of a sweep's `methods:` list. Its math is `triton_ops`; the defaults
+are mergekit's (density 1.0, `normalize` true for TIES, L1 rescale for DARE), so a sweep entry
+means what the same entry means in a mergekit YAML. The paper's settings are one line each:
+`{name: task_arithmetic, lambda: 0.8}`, `{name: ties, density: 0.5, lambda: 0.5}`,
+`{name: dare_ties, density: 0.8, rescale: inverse}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import triton_ops
+
+# Method name -> its parameters and their defaults.
+METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
+    "average": {},
+    "task_arithmetic": {"lambda": 1.0, "normalize": False},
+    "ties": {"density": 1.0, "lambda": 1.0, "normalize": True},
+    "dare_ties": {"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": "l1", "seed": 0},
+    "dare_linear": {"density": 1.0, "lambda": 1.0, "normalize": False, "rescale": "l1", "seed": 0},
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method with all its parameters resolved.
+
+    >>> spec = MethodSpec.from_config({"name": "ties", "density": 0.5})
+    >>> spec.label, spec.params["lambda"]
+    ('ties', 1.0)
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any]) -> MethodSpec:
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if name not in METHOD_PARAMETERS:
+            raise ValueError(
+                f"unknown merge method {name!r}; use one of {', '.join(METHOD_PARAMETERS)}."
+            )
+        label = str(entry.pop("label", name))
+        defaults = METHOD_PARAMETERS[name]
+        unknown = sorted(set(entry) - set(defaults))
+        if unknown:
+            allowed = ", ".join(defaults) or "none"
+            raise ValueError(
+                f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"its parameters are: {allowed} (and an optional label)."
+            )
+        params = {**defaults, **entry}
+        _check_params(name, params)
+        return cls(name=name, params=params, label=label)
+
+    def merge(self, base: torch.Tensor, experts: Sequence[torch.Tensor], *, stream: int = 0):
+        """Merge one tensor of the k experts into the base with weights 1/k."""
+        k = len(experts)
+        weights = [1.0 / k] * k
+        p = self.params
+        if self.name == "average":
+            return triton_ops.task_arithmetic(base, experts, weights=weights)
+        if self.name == "task_arithmetic":
+            return triton_ops.task_arithmetic(
+                base, experts, weights=weights, normalize=p["normalize"], lambda_=p["lambda"]
+            )
+        densities = [p["density"]] * k
+        if self.name == "ties":
+            return triton_ops.ties_merge(
+                base,
+                experts,
+                weights=weights,
+                densities=densities,
+                normalize=p["normalize"],
+                lambda_=p["lambda"],
+            )
+        return triton_ops.dare_merge(
+            base,
+            experts,
+            weights=weights,
+            densities=densities,
+            consensus=self.name == "dare_ties",
+            normalize=p["normalize"],
+            rescale=p["rescale"],
+            lambda_=p["lambda"],
+            seed=p["seed"],
+            stream=stream,
+        )
+
+
+def _check_params(name: str, params: dict[str, Any]) -> None:
+    density = params.get("density", 1.0)
+    if not isinstance(density, int | float) or not 0.0 < density <= 1.0:
+        raise ValueError(f"method {name!r}: density={density!r} must be a number in (0, 1].")
+    if not isinstance(params.get("lambda", 1.0), int | float):
+        raise ValueError(f"method {name!r}: lambda={params['lambda']!r} must be a number.")
+    if params.get("rescale", "l1") not in ("l1", "inverse", None):
+        raise ValueError(
+            f"method {name!r}: rescale={params['rescale']!r}; use l1, inverse or null."
+        )
+    for flag in ("normalize",):
+        if flag in params and not isinstance(params[flag], bool):
+            raise ValueError(f"method {name!r}: {flag}={params[flag]!r} must be true or false.")
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"method {name!r}: seed={seed!r} must be a non-negative integer.")

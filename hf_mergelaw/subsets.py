@@ -1,0 +1,91 @@
+"""Which subsets of k experts a sweep merges: all, uniform random, or the paper's permutations.
+
+All strategies are seeded and return subsets as sorted tuples of expert indices, in a stable order,
+so a re-run of a sweep plans exactly the same jobs (resuming relies on it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterable
+
+STRATEGIES = ("all", "uniform", "permutations")
+PAPER_NUM_PERMUTATIONS = 15
+PAPER_SHUFFLE_CANDIDATES = 1000
+
+
+def sample_subsets(
+    num_experts: int,
+    k: int,
+    *,
+    strategy: str = "uniform",
+    per_k: int = 20,
+    seed: int = 0,
+) -> list[tuple[int, ...]]:
+    """Subsets of size k of range(num_experts) to merge.
+
+    `all`: every combination (per_k ignored). `uniform`: per_k distinct subsets drawn uniformly
+    (all of them when there are fewer). `permutations`: the length-k prefixes of per_k diverse
+    permutations (the paper's Algorithm 1), duplicates removed.
+
+    >>> sample_subsets(4, 2, strategy="all")
+    [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    """
+    if not 1 <= k <= num_experts:
+        raise ValueError(
+            f"k={k} is outside 1..{num_experts}: a pool of {num_experts} experts has no subset "
+            f"of that size. Lower the largest k or add experts."
+        )
+    if strategy == "all":
+        return list(itertools.combinations(range(num_experts), k))
+    if strategy == "uniform":
+        return _uniform_subsets(num_experts, k, per_k, seed)
+    if strategy == "permutations":
+        prefixes = (tuple(sorted(p[:k])) for p in diverse_permutations(num_experts, per_k, seed))
+        return list(dict.fromkeys(prefixes))
+    raise ValueError(f"unknown sampling strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+
+
+def diverse_permutations(
+    num_experts: int,
+    count: int = PAPER_NUM_PERMUTATIONS,
+    seed: int = 0,
+    candidates: int = PAPER_SHUFFLE_CANDIDATES,
+) -> list[tuple[int, ...]]:
+    """The paper's Algorithm 1: identity, its reverse, then greedy max-min Hamming distance.
+
+    Each further permutation is the best of `candidates` random shuffles by its minimum Hamming
+    distance to the permutations already chosen, so prefixes of every length cover the pool
+    evenly.
+    """
+    rng = random.Random(seed)
+    identity = tuple(range(num_experts))
+    chosen = list(dict.fromkeys([identity, identity[::-1]]))[:count]
+    while len(chosen) < count:
+        best, best_distance = None, -1
+        for _ in range(candidates):
+            shuffle = list(identity)
+            rng.shuffle(shuffle)
+            distance = min(_hamming(shuffle, other) for other in chosen)
+            if distance > best_distance:
+                best, best_distance = tuple(shuffle), distance
+        chosen.append(best)
+    return chosen
+
+
+def _uniform_subsets(num_experts: int, k: int, per_k: int, seed: int) -> list[tuple[int, ...]]:
+    total = math.comb(num_experts, k)
+    if per_k >= total:
+        return list(itertools.combinations(range(num_experts), k))
+    # Seed per (seed, n, k) so adding a k to a sweep does not change the subsets of the others.
+    rng = random.Random(f"{seed}-{num_experts}-{k}")
+    chosen: dict[tuple[int, ...], None] = {}
+    while len(chosen) < per_k:
+        chosen[tuple(sorted(rng.sample(range(num_experts), k)))] = None
+    return list(chosen)
+
+
+def _hamming(a: Iterable[int], b: Iterable[int]) -> int:
+    return sum(x != y for x, y in zip(a, b, strict=True))

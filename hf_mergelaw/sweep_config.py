@@ -1,0 +1,231 @@
+"""The sweep YAML, validated into dataclasses: unknown keys and bad values fail before any work.
+
+```yaml
+base_model: path
+experts: {name: path, ...}        # or a list of paths; PEFT adapter dirs allowed
+eval:                             # texts or prompt/response pairs; a JSON-lines file or a dataset
+  data: path.jsonl                # or a datasets dataset (save_to_disk directory or local name)
+  split: validation
+  text_field: text                # or prompt_field / response_field; domain_field optional
+  max_length: 2048
+  batch_size: 8
+methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
+k: 1-9                            # or a list [1, 2, 4], or one number
+sampling: {strategy: all | uniform | permutations, per_k: 20, seed: 0}
+output: results.jsonl
+device: auto
+dtype: bfloat16
+```
+Relative paths are resolved against the YAML file's directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .methods import MethodSpec
+from .subsets import STRATEGIES
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOP_LEVEL_KEYS = (
+    "base_model", "experts", "eval", "methods", "k", "sampling", "output", "device", "dtype",
+    "storage", "N",
+)  # fmt: skip
+EVAL_KEYS = (
+    "data", "split", "text_field", "prompt_field", "response_field", "domain_field",
+    "max_length", "batch_size", "max_samples",
+)  # fmt: skip
+SAMPLING_KEYS = ("strategy", "per_k", "seed")
+
+
+class SweepConfigError(ValueError):
+    """A sweep YAML that cannot run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str
+    split: str = "validation"
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    domain_field: str | None = None
+    max_length: int = 2048
+    batch_size: int = 8
+    max_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    strategy: str = "uniform"
+    per_k: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    base_model: Path
+    experts: dict[str, Path]
+    eval: EvalConfig
+    methods: list[MethodSpec]
+    k: list[int]
+    output: Path
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    device: str = "auto"
+    dtype: torch.dtype = torch.bfloat16
+    storage: str = "auto"
+    N: float | None = None
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"sweep config {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SweepConfigError(f"{path} is not valid YAML: {error}") from error
+    return parse_sweep_config(raw, root=path.parent)
+
+
+def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
+    section = _mapping(raw, "the sweep config", TOP_LEVEL_KEYS)
+    for key in ("base_model", "experts", "eval", "methods", "k", "output"):
+        if key not in section:
+            raise SweepConfigError(f"the sweep config has no {key!r}; it is required.")
+    dtype = section.get("dtype", "bfloat16")
+    if dtype not in DTYPES:
+        raise SweepConfigError(f"dtype={dtype!r}; use one of {', '.join(DTYPES)}.")
+    methods = section["methods"]
+    if not isinstance(methods, list) or not methods:
+        raise SweepConfigError("methods must be a non-empty list, e.g. [{name: average}].")
+    specs = [_method(entry, index) for index, entry in enumerate(methods)]
+    labels = [spec.label for spec in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise SweepConfigError(
+            f"two methods share the label {duplicates[0]!r}; give each a distinct `label:`."
+        )
+    n = section.get("N")
+    if n is not None and (not isinstance(n, int | float) or n <= 0):
+        raise SweepConfigError(f"N={n!r} must be a positive number (billions of parameters).")
+    return SweepConfig(
+        base_model=_path(section["base_model"], root),
+        experts=_experts(section["experts"], root),
+        eval=_eval(section["eval"], root),
+        methods=specs,
+        k=parse_k(section["k"]),
+        output=_path(section["output"], root),
+        sampling=_sampling(section.get("sampling", {})),
+        device=str(section.get("device", "auto")),
+        dtype=DTYPES[dtype],
+        storage=str(section.get("storage", "auto")),
+        N=n,
+    )
+
+
+def parse_k(value: Any) -> list[int]:
+    """`1-9`, `[1, 2, 4]` or `3` -> sorted distinct ks, each >= 1."""
+    if isinstance(value, bool):
+        raise SweepConfigError(f"k={value!r}; use a range like 1-9, a list or a number.")
+    if isinstance(value, int):
+        ks = [value]
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)):
+        low, high = int(match[1]), int(match[2])
+        if low > high:
+            raise SweepConfigError(f"k={value!r} is an empty range; write low-high, e.g. 1-9.")
+        ks = list(range(low, high + 1))
+    elif isinstance(value, list) and all(type(v) is int for v in value):
+        ks = value
+    else:
+        raise SweepConfigError(f"k={value!r}; use a range like 1-9, a list [1, 2, 4] or a number.")
+    if not ks or min(ks) < 1:
+        raise SweepConfigError(f"k={value!r}: every k must be at least 1.")
+    return sorted(set(ks))
+
+
+def _mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise SweepConfigError(f"{where} must be a mapping of keys to values.")
+    unknown = [key for key in raw if key not in allowed]
+    if unknown:
+        raise SweepConfigError(
+            f"unknown key {unknown[0]!r} in {where}; the allowed keys are: {', '.join(allowed)}."
+        )
+    return raw
+
+
+def _path(value: Any, root: Path) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise SweepConfigError(f"expected a path, got {value!r}.")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _experts(value: Any, root: Path) -> dict[str, Path]:
+    if isinstance(value, Mapping):
+        experts = {str(name): _path(path, root) for name, path in value.items()}
+    elif isinstance(value, list):
+        experts = {}
+        for path in value:
+            resolved = _path(path, root)
+            if resolved.name in experts:
+                raise SweepConfigError(
+                    f"two experts are named {resolved.name!r} after their directories; write "
+                    "experts as a mapping {name: path}."
+                )
+            experts[resolved.name] = resolved
+    else:
+        raise SweepConfigError("experts must be a mapping {name: path} or a list of paths.")
+    if not experts:
+        raise SweepConfigError("experts is empty; a sweep needs at least one expert.")
+    return experts
+
+
+def _eval(value: Any, root: Path) -> EvalConfig:
+    section = dict(_mapping(value, "eval", EVAL_KEYS))
+    if "data" not in section:
+        raise SweepConfigError("eval has no 'data'; point it at a JSON-lines file or a dataset.")
+    data = str(section.pop("data"))
+    local = _path(data, root)
+    has_text = "text_field" in section
+    pair_fields = {"prompt_field", "response_field"} & set(section)
+    if has_text == bool(pair_fields) or len(pair_fields) == 1:
+        raise SweepConfigError(
+            "eval needs either text_field, or both prompt_field and response_field (loss on the "
+            "response tokens only)."
+        )
+    for key in ("max_length", "batch_size", "max_samples"):
+        if key in section and (not isinstance(section[key], int) or section[key] < 1):
+            raise SweepConfigError(f"eval.{key}={section[key]!r} must be a positive integer.")
+    return EvalConfig(data=str(local) if local.exists() else data, **section)
+
+
+def _sampling(value: Any) -> SamplingConfig:
+    section = _mapping(value, "sampling", SAMPLING_KEYS)
+    sampling = SamplingConfig(**section)
+    if sampling.strategy not in STRATEGIES:
+        raise SweepConfigError(
+            f"sampling.strategy={sampling.strategy!r}; use one of {', '.join(STRATEGIES)}."
+        )
+    if not isinstance(sampling.per_k, int) or sampling.per_k < 1:
+        raise SweepConfigError(f"sampling.per_k={sampling.per_k!r} must be a positive integer.")
+    if not isinstance(sampling.seed, int):
+        raise SweepConfigError(f"sampling.seed={sampling.seed!r} must be an integer.")
+    return sampling
+
+
+def _method(entry: Any, index: int) -> MethodSpec:
+    if not isinstance(entry, Mapping):
+        raise SweepConfigError(f"methods[{index}] must be a mapping like {{name: ties}}.")
+    try:
+        return MethodSpec.from_config(entry)
+    except ValueError as error:
+        raise SweepConfigError(f"methods[{index}]: {error}") from error
