@@ -116,12 +116,19 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
     n = section.get("N")
     if n is not None and (not isinstance(n, int | float) or n <= 0):
         raise SweepConfigError(f"N={n!r} must be a positive number (billions of parameters).")
+    experts = _experts(section["experts"], root)
+    ks = parse_k(section["k"])
+    if ks[-1] > len(experts):
+        raise SweepConfigError(
+            f"k goes up to {ks[-1]} but the pool has {len(experts)} experts; no subset has more "
+            f"experts than the pool. Lower k to at most {len(experts)} or add experts."
+        )
     return SweepConfig(
         base_model=_path(section["base_model"], root),
-        experts=_experts(section["experts"], root),
+        experts=experts,
         eval=_eval(section["eval"], root),
         methods=specs,
-        k=parse_k(section["k"]),
+        k=ks,
         output=_path(section["output"], root),
         sampling=_sampling(section.get("sampling", {})),
         device=str(section.get("device", "auto")),

@@ -1,0 +1,245 @@
+"""The in-memory k-sweep: records, agreement with mergekit, resume, PEFT experts, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit.merge_methods.api import merge_state_dicts
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
+from hf_mergelaw.experts import ExpertPool
+from hf_mergelaw.methods import MethodSpec
+from hf_mergelaw.results import ResultsFile
+from hf_mergelaw.sweep import plan_jobs, records_by_domain, run_sweep
+from hf_mergelaw.sweep_config import SweepConfigError, load_sweep_config, parse_sweep_config
+from tests.tiny_models import SENTENCES, save_family, save_model, tiny_llama_config, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return save_family(tmp_path_factory.mktemp("family"), num_experts=4)
+
+
+def _sweep_yaml(tmp_path: Path, family, **overrides: object) -> Path:
+    base, experts = family
+    data = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"text": text, "domain": "ab"[i % 2]} for i, text in enumerate(SENTENCES)],
+    )
+    config = {
+        "base_model": str(base),
+        "experts": {name: str(path) for name, path in experts.items()},
+        "eval": {"data": str(data), "text_field": "text", "domain_field": "domain",
+                 "max_length": 32, "batch_size": 4},
+        "methods": [{"name": "average"}, {"name": "ties", "density": 0.5}],
+        "k": "1-3",
+        "sampling": {"strategy": "all"},
+        "output": str(tmp_path / "out" / "results.jsonl"),
+        "dtype": "float32",
+        **overrides,
+    }  # fmt: skip
+    path = tmp_path / "sweep.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sweep_writes_one_complete_record_per_merged_model(tmp_path, family) -> None:
+    config = load_sweep_config(_sweep_yaml(tmp_path, family))
+    summary = run_sweep(config, progress=False)
+    records = list(ResultsFile(config.output))
+    # C(4,1) + C(4,2) + C(4,3) subsets for each of the two methods.
+    assert summary.planned == summary.written == len(records) == 2 * (4 + 6 + 4)
+    keys = {(r["method"], tuple(r["subset"])) for r in records}
+    assert len(keys) == len(records)
+    n_params = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config()).parameters())
+    for record in records:
+        assert record["k"] == len(record["subset"])
+        assert record["N"] == pytest.approx(n_params / 1e9)
+        assert record["domain"] == "macro"
+        per_domain = [v["ce"] for v in record["per_domain"].values()]
+        assert record["ce"] == pytest.approx(sum(per_domain) / len(per_domain))
+        assert record["num_tokens"] == sum(v["num_tokens"] for v in record["per_domain"].values())
+        assert record["merge_s"] >= 0 and record["eval_s"] > 0
+    rows = records_by_domain(records)
+    assert {r["domain"] for r in rows} == {"macro", "a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "mergekit_method", "parameters"),
+    [
+        ({"name": "ties", "density": 0.5}, "ties", {"density": 0.5}),
+        ({"name": "task_arithmetic", "lambda": 0.8}, "task_arithmetic", {"lambda": 0.8}),
+    ],
+)
+def test_record_ce_equals_evaluating_the_mergekit_merge(
+    tmp_path, family, spec, mergekit_method, parameters
+) -> None:
+    base, experts = family
+    subset = ["expert1", "expert3"]
+    pool = ExpertPool(base, experts, dtype=torch.float32, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    eval_set = build_eval_set(tokenizer, texts=list(SENTENCES), max_length=32)
+    pool.merge(MethodSpec.from_config(spec), subset)
+    ours = cross_entropy(pool.model, eval_set).cross_entropy
+
+    state_dicts = {"base": _state_dict(base)} | {n: _state_dict(experts[n]) for n in subset}
+    merged = merge_state_dicts(
+        state_dicts, mergekit_method, base="base", parameters={"weight": 0.5, **parameters}
+    )
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference.load_state_dict(merged)
+    assert ours == pytest.approx(cross_entropy(reference, eval_set).cross_entropy, rel=1e-6)
+
+
+def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> None:
+    config_path = _sweep_yaml(tmp_path, family, k="1-4")
+    output = load_sweep_config(config_path).output
+    script = (
+        "import sys; from hf_mergelaw.sweep import run_sweep; "
+        "from hf_mergelaw.sweep_config import load_sweep_config; "
+        "run_sweep(load_sweep_config(sys.argv[1]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(config_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while _count_lines(output) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted = _count_lines(output)
+    assert 5 <= interrupted < 30, "the kill should land mid-sweep"
+
+    summary = run_sweep(load_sweep_config(config_path), progress=False)
+    records = list(ResultsFile(output))
+    assert summary.skipped == interrupted
+    assert len(records) == summary.planned == 30
+    assert len({(r["method"], tuple(r["subset"])) for r in records}) == 30
+
+
+def test_partial_last_line_from_a_crash_is_dropped(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"k": 1, "ce": 2.0}\n{"k": 2, "c')
+    results = ResultsFile(path)
+    assert list(results) == [{"k": 1, "ce": 2.0}]
+    results.append({"k": 2, "ce": 1.9})
+    assert [r["k"] for r in ResultsFile(path)] == [1, 2]
+
+
+def test_lora_adapter_joins_the_pool_as_its_densified_update(tmp_path, family) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, experts = family
+    torch.manual_seed(3)
+    adapter_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                init_lora_weights=False)  # fmt: skip
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), adapter_config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    pool = ExpertPool(base, {"lora": tmp_path / "adapter", **experts}, dtype=torch.float32)
+    densified = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    ).merge_and_unload()
+    pool.merge(MethodSpec.from_config({"name": "average"}), ["lora"])
+    for name, parameter in pool.model.named_parameters():
+        torch.testing.assert_close(parameter, dict(densified.named_parameters())[name])
+    adapted = {n for n in pool.parameters if n not in pool.experts["lora"].same_as_base}
+    assert adapted and all("q_proj" in n or "v_proj" in n for n in adapted)
+
+
+def test_experts_from_a_list_are_named_after_their_directories(family) -> None:
+    base, experts = family
+    pool = ExpertPool(base, list(experts.values())[:2], dtype=torch.float32)
+    assert pool.names == ["expert0", "expert1"]
+
+
+def test_plan_is_stable_and_covers_every_method_and_k(family) -> None:
+    config = parse_sweep_config(
+        {"base_model": "b", "experts": ["e1", "e2", "e3"], "eval": {"data": "d.jsonl",
+         "text_field": "text"}, "methods": [{"name": "average"}, {"name": "dare_ties",
+         "density": 0.8}], "k": [1, 3], "sampling": {"strategy": "uniform", "per_k": 2},
+         "output": "o.jsonl"}
+    )  # fmt: skip
+    jobs = plan_jobs(config.methods, config.k, ["e1", "e2", "e3"], config.sampling)
+    assert jobs == plan_jobs(config.methods, config.k, ["e1", "e2", "e3"], config.sampling)
+    assert [(j.method.name, j.k) for j in jobs] == [
+        ("average", 1), ("average", 1), ("average", 3),
+        ("dare_ties", 1), ("dare_ties", 1), ("dare_ties", 3),
+    ]  # fmt: skip
+
+
+# Bad input: every message names the problem and the fix.
+
+
+def test_unknown_yaml_key_is_named(tmp_path, family) -> None:
+    with pytest.raises(SweepConfigError, match="unknown key 'batchsize' in eval"):
+        load_sweep_config(_sweep_yaml(tmp_path, family, eval={"data": "x", "batchsize": 2}))
+
+
+def test_k_larger_than_the_pool_is_refused_before_loading(tmp_path, family) -> None:
+    with pytest.raises(SweepConfigError, match="k goes up to 7 but the pool has 4 experts"):
+        load_sweep_config(_sweep_yaml(tmp_path, family, k="1-7"))
+
+
+def test_unknown_method_parameter_is_named(tmp_path, family) -> None:
+    methods = [{"name": "ties", "densty": 0.5}]
+    with pytest.raises(SweepConfigError, match=r"methods\[0\].*'densty'.*density"):
+        load_sweep_config(_sweep_yaml(tmp_path, family, methods=methods))
+
+
+def test_missing_expert_checkpoint_is_named(tmp_path, family) -> None:
+    base, experts = family
+    with pytest.raises(FileNotFoundError, match="expert 'ghost'"):
+        ExpertPool(base, {**experts, "ghost": tmp_path / "nowhere"})
+
+
+def test_expert_with_other_shapes_is_named_with_the_tensor(tmp_path, family) -> None:
+    base, _ = family
+    wider = save_model(LlamaForCausalLM(tiny_llama_config(intermediate_size=64)), tmp_path / "w")
+    with pytest.raises(ValueError, match=r"expert 'wide': tensor 'model\.layers\.0\.mlp\..*shape"):
+        ExpertPool(base, {"wide": wider})
+
+
+def test_expert_with_another_vocabulary_is_refused(tmp_path, family) -> None:
+    base, _ = family
+    other = save_model(LlamaForCausalLM(tiny_llama_config(vocab_size=80)), tmp_path / "v")
+    with pytest.raises(ValueError, match="expert 'other' has vocab_size=80 but the base"):
+        ExpertPool(base, {"other": other})
+
+
+def test_empty_eval_set_is_refused(tmp_path, family) -> None:
+    config_path = _sweep_yaml(tmp_path, family)
+    write_jsonl(tmp_path / "eval.jsonl", [])
+    with pytest.raises(SweepConfigError, match="is empty"):
+        run_sweep(load_sweep_config(config_path), progress=False)
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_records_are_valid_json_lines(tmp_path, family) -> None:
+    config = load_sweep_config(_sweep_yaml(tmp_path, family, k=1))
+    run_sweep(config, progress=False)
+    for line in config.output.read_text().splitlines():
+        assert json.loads(line)["k"] == 1
