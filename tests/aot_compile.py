@@ -60,15 +60,21 @@ def variants(dtype: str, nonfinite_key: int) -> Iterator[tuple[str, object, dict
          "partial_ptr": "*fp32", "nonfinite_ptr": "*i32", "numel": "i64", "num_experts": "i32"},
         {"NONFINITE_KEY": nonfinite_key, "BLOCK": dare.BLOCK},
     )  # fmt: skip
-    for drop, consensus in ((False, False), (True, False), (True, True)):
+    for drop, task_vectors, consensus in (
+        (False, False, False),
+        (True, False, False),
+        (True, False, True),
+        (False, True, True),
+    ):
         yield (
-            f"merge(DROP={drop}, CONSENSUS={consensus})",
+            f"merge(DROP={drop}, TASK_VECTORS={task_vectors}, CONSENSUS={consensus})",
             dare._merge_kernel,
             {"base_ptr": tensor, "expert_ptrs": "*i64", "out_ptr": tensor, "key_ptr": "*i64",
              "threshold_ptr": "*i64", "factor_ptr": "*fp32", "weight_ptr": "*fp32",
              "nonfinite_ptr": "*i32", "numel": "i64", "num_experts": "i32", "divisor": "fp32",
              "lambda_": "fp32"},
-            {"DROP": drop, "CONSENSUS": consensus, "NORMALIZE": True, "APPLY_LAMBDA": True,
+            {"DROP": drop, "TASK_VECTORS": task_vectors, "CONSENSUS": consensus,
+             "NORMALIZE": True, "APPLY_LAMBDA": True,
              "COUNT_NONFINITE": True, "NONFINITE_KEY": nonfinite_key, "BLOCK": dare.BLOCK},
         )  # fmt: skip
 

@@ -42,10 +42,10 @@ def ties_merge(
     """
     inputs = prepare_inputs(base, experts, weights, densities)
     lambda_ = check_lambda(lambda_)
-    if _use_triton(backend, inputs):
+    if use_triton(backend, inputs):
         from .ties import ties_merge_triton
 
-        with _kernel_device(inputs):
+        with kernel_device(inputs):
             return ties_merge_triton(inputs, normalize=normalize, lambda_=lambda_)
     return reference.ties_merge_torch(inputs, normalize=normalize, lambda_=lambda_)
 
@@ -82,10 +82,10 @@ def dare_merge(
         seed=check_seed("seed", seed),
         stream=check_seed("stream", stream),
     )
-    if _use_triton(backend, inputs):
+    if use_triton(backend, inputs):
         from .dare import dare_merge_triton
 
-        with _kernel_device(inputs):
+        with kernel_device(inputs):
             return dare_merge_triton(inputs, **options)
     return reference.dare_merge_torch(inputs, **options)
 
@@ -107,15 +107,15 @@ def task_arithmetic(
     """
     inputs = prepare_inputs(base, experts, weights)
     lambda_ = check_lambda(lambda_)
-    if _use_triton(backend, inputs):
+    if use_triton(backend, inputs):
         from .linear import task_arithmetic_triton
 
-        with _kernel_device(inputs):
+        with kernel_device(inputs):
             return task_arithmetic_triton(inputs, normalize=normalize, lambda_=lambda_)
     return reference.task_arithmetic_torch(inputs, normalize=normalize, lambda_=lambda_)
 
 
-def _use_triton(backend: Backend, inputs: MergeInputs) -> bool:
+def use_triton(backend: Backend, inputs: MergeInputs) -> bool:
     on_cuda = inputs.base.is_cuda
     if backend == "auto":
         return on_cuda
@@ -131,7 +131,7 @@ def _use_triton(backend: Backend, inputs: MergeInputs) -> bool:
     return True
 
 
-def _kernel_device(inputs: MergeInputs) -> contextlib.AbstractContextManager:
+def kernel_device(inputs: MergeInputs) -> contextlib.AbstractContextManager:
     """Kernels launch on the current CUDA device: make it the tensors' (cuda:1 and beyond)."""
     if inputs.base.is_cuda:
         return torch.cuda.device(inputs.base.device)

@@ -75,6 +75,7 @@ def _merge_kernel(
     divisor,
     lambda_,
     DROP: tl.constexpr,
+    TASK_VECTORS: tl.constexpr,
     CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr,
     APPLY_LAMBDA: tl.constexpr,
@@ -82,7 +83,8 @@ def _merge_kernel(
     NONFINITE_KEY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """base + lambda * merge_i(factor_i * keep_i * delta_i); task arithmetic is DROP=False."""
+    """base + lambda * merge_i(factor_i * keep_i * delta_i); task arithmetic is DROP=False,
+    and a merge of prepared task vectors (`merge_task_vectors`) adds TASK_VECTORS."""
     start, offsets, in_bounds = block_offsets(numel, BLOCK)
     base = tl.load(base_ptr + offsets, mask=in_bounds, other=0.0)
     positive = tl.zeros((BLOCK,), tl.float32)
@@ -90,7 +92,7 @@ def _merge_kernel(
     positive_weight = tl.zeros((BLOCK,), tl.float32)
     negative_weight = tl.zeros((BLOCK,), tl.float32)
     for i in range(num_experts):
-        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds)
+        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds, TASK_VECTORS)
         if COUNT_NONFINITE:
             tl.atomic_add(nonfinite_ptr + i, count_nonfinite(delta, NONFINITE_KEY))
         weighted = delta.to(tl.float32) * tl.load(factor_ptr + i)
@@ -153,7 +155,10 @@ def launch_merge(
     lambda_: float,
     check_finite: bool,
 ) -> torch.Tensor:
-    """Run the fused merge pass; `keys=None` keeps every entry (task arithmetic)."""
+    """Run the fused merge pass; `keys=None` keeps every entry (task arithmetic).
+
+    `factors[i]` multiplies expert i's (kept) delta; the consensus divisor sums `inputs.weights`.
+    """
     out = torch.empty_like(inputs.base)
     if inputs.numel == 0:
         return out.view(inputs.shape)
@@ -174,6 +179,7 @@ def launch_merge(
         linear_divisor(inputs.weights),
         lambda_,
         DROP=drop,
+        TASK_VECTORS=inputs.task_vectors,
         CONSENSUS=consensus,
         NORMALIZE=normalize,
         APPLY_LAMBDA=lambda_ != 1.0,

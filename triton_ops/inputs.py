@@ -24,13 +24,18 @@ MAX_SEED = 2**63
 
 @dataclass(frozen=True)
 class MergeInputs:
-    """A validated merge problem: flat contiguous tensors and one float per expert."""
+    """A validated merge problem: flat contiguous tensors and one float per expert.
+
+    With `task_vectors`, `experts` hold deltas from the base (already in the compute dtype)
+    rather than expert weights.
+    """
 
     base: torch.Tensor
     experts: tuple[torch.Tensor, ...]
     shape: torch.Size
     weights: tuple[float, ...]
     densities: tuple[float, ...]
+    task_vectors: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -46,6 +51,8 @@ def prepare_inputs(
     experts: ExpertsLike,
     weights: Sequence[float],
     densities: Sequence[float] | None = None,
+    *,
+    task_vectors: bool = False,
 ) -> MergeInputs:
     """Validate a merge call and flatten its tensors; ValueError names the problem and the fix."""
     if not isinstance(base, torch.Tensor):
@@ -75,6 +82,7 @@ def prepare_inputs(
         shape=base.shape,
         weights=weights,
         densities=densities,
+        task_vectors=task_vectors,
     )
 
 

@@ -32,15 +32,19 @@ def block_offsets(numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def load_delta(base, expert_ptrs, index, offsets, in_bounds):
-    """Expert `index` minus the base, rounded to the compute dtype as mergekit forms it.
+def load_delta(base, expert_ptrs, index, offsets, in_bounds, TASK_VECTORS: tl.constexpr = False):
+    """Expert `index` minus the base, rounded to the compute dtype as mergekit forms it; with
+    TASK_VECTORS the pointers hold such deltas already.
 
     Subtracting in fp32 and rounding once equals the compute dtype's own subtraction (fp32 has
     more than twice the precision of bf16 and fp16, so the double rounding is innocuous).
     """
     expert_ptr = tl.load(expert_ptrs + index).to(tl.pointer_type(base.dtype))
     expert = tl.load(expert_ptr + offsets, mask=in_bounds, other=0.0)
-    return round_to(expert.to(tl.float32) - base.to(tl.float32), base.dtype)
+    if TASK_VECTORS:
+        return expert
+    else:
+        return round_to(expert.to(tl.float32) - base.to(tl.float32), base.dtype)
 
 
 @triton.jit

@@ -52,11 +52,11 @@ def ties_merge_torch(inputs: MergeInputs, *, normalize: bool, lambda_: float) ->
     def kept_deltas(start: int, stop: int) -> Iterator[torch.Tensor]:
         for i, threshold in enumerate(thresholds):
             delta = _delta(inputs, i, start, stop)
-            keep, ties = _magnitude_keep(magnitude_key(delta), threshold, ties_seen[i])
+            keep, ties = magnitude_keep(magnitude_key(delta), threshold, ties_seen[i])
             ties_seen[i] += ties
             yield torch.where(keep, delta.float() * factors[i], 0.0)
 
-    return _consensus_merge(inputs, kept_deltas, factors, normalize=normalize, lambda_=lambda_)
+    return _consensus_merge(inputs, kept_deltas, normalize=normalize, lambda_=lambda_)
 
 
 def dare_merge_torch(
@@ -87,7 +87,7 @@ def dare_merge_torch(
             yield torch.where(keep, delta.float() * factors[i], 0.0)
 
     if consensus:
-        out = _consensus_merge(inputs, kept_deltas, factors, normalize=normalize, lambda_=lambda_)
+        out = _consensus_merge(inputs, kept_deltas, normalize=normalize, lambda_=lambda_)
     else:
         out = _linear_merge(inputs, kept_deltas, normalize=normalize, lambda_=lambda_)
     raise_for_nonfinite(inputs.base, nonfinite)
@@ -95,17 +95,29 @@ def dare_merge_torch(
 
 
 def task_arithmetic_torch(inputs: MergeInputs, *, normalize: bool, lambda_: float) -> torch.Tensor:
-    factors = torch.tensor(inputs.weights, dtype=torch.float32)
+    return weighted_merge_torch(
+        inputs, list(inputs.weights), consensus=False, normalize=normalize, lambda_=lambda_
+    )
 
+
+def weighted_merge_torch(
+    inputs: MergeInputs, factors: list[float], *, consensus: bool, normalize: bool, lambda_: float
+) -> torch.Tensor:
+    """Merge every delta as it is, scaled by `factors`: task arithmetic, or the last step of a
+    TIES/DARE merge whose experts are prepared task vectors."""
+    factor_table = torch.tensor(factors, dtype=torch.float32)
     nonfinite = [0] * inputs.num_experts
 
     def weighted_deltas(start: int, stop: int) -> Iterator[torch.Tensor]:
         for i in range(inputs.num_experts):
             delta = _delta(inputs, i, start, stop)
             nonfinite[i] += _count_nonfinite(delta)
-            yield delta.float() * factors[i]
+            yield delta.float() * factor_table[i]
 
-    out = _linear_merge(inputs, weighted_deltas, normalize=normalize, lambda_=lambda_)
+    if consensus:
+        out = _consensus_merge(inputs, weighted_deltas, normalize=normalize, lambda_=lambda_)
+    else:
+        out = _linear_merge(inputs, weighted_deltas, normalize=normalize, lambda_=lambda_)
     raise_for_nonfinite(inputs.base, nonfinite)
     return out
 
@@ -119,7 +131,7 @@ def magnitude_key(delta: torch.Tensor) -> torch.Tensor:
 
 def magnitude_threshold(key: torch.Tensor, k: int, key_bits: int) -> MagnitudeThreshold:
     """Radix-select the k-th largest key (1 <= k <= key.numel()) of one in-memory key tensor."""
-    return _radix_select(lambda: iter((key,)), k, key_bits)
+    return radix_select(lambda: iter((key,)), k, key_bits)
 
 
 def magnitude_threshold_chunked(inputs: MergeInputs, index: int, k: int) -> MagnitudeThreshold:
@@ -136,7 +148,7 @@ def magnitude_threshold_chunked(inputs: MergeInputs, index: int, k: int) -> Magn
     def check_top_digit(counts: torch.Tensor, shift: int) -> None:
         _raise_expert_nonfinite(inputs, index, int(counts[NONFINITE_KEY[dtype] >> shift :].sum()))
 
-    return _radix_select(keys, k, KEY_BITS[dtype], check_top_digit)
+    return radix_select(keys, k, KEY_BITS[dtype], check_top_digit)
 
 
 def dare_factors(
@@ -164,20 +176,21 @@ def linear_divisor(weights: tuple[float, ...]) -> float:
     return 1.0 if abs(divisor) < _DIVISOR_EPS else divisor
 
 
-def _radix_select(keys, k: int, key_bits: int, check_top_digit=None) -> MagnitudeThreshold:
+def radix_select(keys, k: int, key_bits: int, check_top_digit=None) -> MagnitudeThreshold:
     """Most significant 16-bit digit first: histogram the candidates, pick the digit holding the
     k-th largest, keep only that digit's entries as candidates for the next digit."""
     remaining, prefix, high = k, 0, key_bits
     while high > 0:
         shift = max(0, high - _DIGIT_BITS)
         width = high - shift
-        counts = torch.zeros(1 << width, dtype=torch.int64)
+        counts = None
         for key in keys():
             in_prefix = (key >> high) == prefix if high < key_bits else None
             digits = (key >> shift) & ((1 << width) - 1)
             if in_prefix is not None:
                 digits = digits[in_prefix]
-            counts += torch.bincount(digits, minlength=1 << width)
+            histogram = torch.bincount(digits, minlength=1 << width)
+            counts = histogram if counts is None else counts + histogram
         if check_top_digit is not None and high == key_bits:
             check_top_digit(counts, shift)
         at_or_above = counts.flip(0).cumsum(0)
@@ -189,7 +202,7 @@ def _radix_select(keys, k: int, key_bits: int, check_top_digit=None) -> Magnitud
     return MagnitudeThreshold(key=prefix, ties_kept=remaining, ties_total=int(counts[digit]))
 
 
-def _magnitude_keep(
+def magnitude_keep(
     key: torch.Tensor, threshold: MagnitudeThreshold, ties_before: int
 ) -> tuple[torch.Tensor, int]:
     """Keep mask of one chunk and the number of threshold ties in it."""
@@ -201,7 +214,7 @@ def _magnitude_keep(
 
 
 def _consensus_merge(
-    inputs: MergeInputs, kept_deltas, factors: torch.Tensor, *, normalize: bool, lambda_: float
+    inputs: MergeInputs, kept_deltas, *, normalize: bool, lambda_: float
 ) -> torch.Tensor:
     """Elect the sign of the summed deltas, then average the deltas that agree with it.
 
@@ -285,6 +298,8 @@ def _raise_expert_nonfinite(inputs: MergeInputs, index: int, count: int) -> None
 
 def _delta(inputs: MergeInputs, index: int, start: int, stop: int) -> torch.Tensor:
     """Expert minus base in the compute dtype, as mergekit forms it (no upcast)."""
+    if inputs.task_vectors:
+        return inputs.experts[index][start:stop]
     return inputs.experts[index][start:stop] - inputs.base[start:stop]
 
 
