@@ -4,7 +4,11 @@ Experts are full checkpoints (safetensors or `.bin` directories), PEFT LoRA adap
 (densified through PEFT's own merge: the expert is base + the adapter's update) or in-memory
 models. Every expert is checked against the base, tensor by tensor, before anything is merged.
 
-Where expert weights live (`storage`):
+The pool holds task vectors (expert - base in the merge dtype). A method that trims or drops them
+(TIES, DARE) prepares each expert once and keeps the result while its subsets are merged, so a
+merge is one fused pass over the subset's prepared vectors.
+
+Where task vectors live (`storage`):
   "device"  on the merge device: fastest, when they fit;
   "cpu"     in host memory, copied to the device one tensor at a time;
   "disk"    read one tensor at a time from the safetensors files (memory-mapped).
@@ -21,8 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from triton_ops import tensor_stream
-
 from .checkpoints import Checkpoint
 from .methods import MethodSpec
 
@@ -31,11 +33,14 @@ STORAGES = ("auto", "device", "cpu", "disk")
 ARCHITECTURE_FIELDS = ("model_type", "architectures", "vocab_size")
 _DEVICE_FRACTION = 0.7
 _HOST_FRACTION = 0.5
+# Task vectors plus one prepared copy of them (the current method's trimmed or dropped vectors).
+_COPIES_HELD = 2
 
 
 @dataclass
 class Expert:
-    """One expert's tensors: in memory, in a checkpoint on disk, or equal to the base's."""
+    """One expert's task vectors: in memory, or its weights in a checkpoint on disk; tensors
+    equal to the base's (LoRA leaves most untouched) are not stored."""
 
     name: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -76,6 +81,8 @@ class ExpertPool:
         experts = _named(experts)
         self.storage = storage if storage != "auto" else self._auto_storage(len(experts))
         self.experts: dict[str, Expert] = {}
+        # (method label, expert, tensor) -> prepared task vector and its scale; one method's worth.
+        self._prepared: dict[tuple[str, str, str], tuple[torch.Tensor, float]] = {}
         for name, path in experts.items():
             self.add_expert(name, path)
 
@@ -106,28 +113,49 @@ class ExpertPool:
         unknown = [name for name in subset if name not in self.experts]
         if unknown:
             raise KeyError(f"no expert named {unknown[0]!r} in the pool ({', '.join(self.names)}).")
+        if any(key[0] != method.label for key in self._prepared):
+            self._prepared.clear()
         experts = [self.experts[name] for name in subset]
         for name, parameter in self.parameters.items():
             base = self.base_tensors[name]
             if all(name in expert.same_as_base for expert in experts):
                 parameter.copy_(base)
                 continue
-            tensors = [self._expert_tensor(expert, name) for expert in experts]
-            parameter.copy_(method.merge(base, tensors, stream=tensor_stream(name)))
+            prepared = [self._prepared_vector(method, expert, name) for expert in experts]
+            vectors = [v.to(self.device, non_blocking=True) for v, _ in prepared]
+            parameter.copy_(method.merge(base, vectors, [scale for _, scale in prepared]))
 
     @torch.no_grad()
     def restore_base(self) -> None:
         for name, parameter in self.parameters.items():
             parameter.copy_(self.base_tensors[name])
 
-    def _expert_tensor(self, expert: Expert, name: str) -> torch.Tensor:
+    def _prepared_vector(
+        self, method: MethodSpec, expert: Expert, name: str
+    ) -> tuple[torch.Tensor, float]:
+        if not method.prepares_experts:
+            return self._task_vector(expert, name), 1.0
+        key = (method.label, expert.name, name)
+        if key not in self._prepared:
+            vector, scale = method.prepare(
+                self._task_vector(expert, name).to(self.device),
+                tensor_name=name,
+                expert_index=self.names.index(expert.name),
+            )
+            self._prepared[key] = (vector.to(self._held_device), scale)
+        return self._prepared[key]
+
+    def _task_vector(self, expert: Expert, name: str) -> torch.Tensor:
         if name in expert.same_as_base:
-            return self.base_tensors[name]
+            return torch.zeros_like(self.base_tensors[name])
         if expert.checkpoint is not None:
-            tensor = expert.checkpoint.tensor(name)
-        else:
-            tensor = expert.tensors[name]
-        return tensor.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            weights = expert.checkpoint.tensor(name).to(device=self.device, dtype=self.dtype)
+            return weights - self.base_tensors[name]
+        return expert.tensors[name]
+
+    @property
+    def _held_device(self) -> torch.device:
+        return self.device if self.storage == "device" else torch.device("cpu")
 
     def _expert_from_checkpoint(self, name: str, path: Path) -> Expert:
         checkpoint = Checkpoint(path, f"expert {name!r}")
@@ -135,7 +163,9 @@ class ExpertPool:
         self._check_tensors(name, {n: checkpoint.shape(n) for n in checkpoint.names})
         if self.storage == "disk" and checkpoint.memory_mapped:
             return Expert(name, checkpoint=checkpoint)
-        return Expert(name, tensors=self._hold({n: checkpoint.tensor(n) for n in self.parameters}))
+        return Expert(
+            name, tensors={n: self._hold(n, checkpoint.tensor(n)) for n in self.parameters}
+        )
 
     def _expert_from_module(self, name: str, model: nn.Module) -> Expert:
         config = getattr(model, "config", None)
@@ -143,9 +173,10 @@ class ExpertPool:
             self._check_architecture(name, config.to_dict())
         tensors = dict(model.named_parameters())
         self._check_tensors(name, {n: tuple(t.shape) for n, t in tensors.items()})
-        # A snapshot: training goes on updating the module's own tensors.
-        snapshot = {n: tensors[n].detach().clone() for n in self.parameters}
-        return Expert(name, tensors=self._hold(snapshot))
+        # _hold subtracts the base into a new tensor: a snapshot that later training leaves alone.
+        return Expert(
+            name, tensors={n: self._hold(n, tensors[n].detach()) for n in self.parameters}
+        )
 
     def _expert_from_adapter(self, name: str, path: Path) -> Expert:
         """Densify a LoRA adapter: PEFT merges it into a copy of the base on the CPU."""
@@ -165,12 +196,14 @@ class ExpertPool:
         same = frozenset(
             n for n in self.parameters if torch.equal(tensors[n], self.base_tensors[n].cpu())
         )
-        held = {n: tensors[n].detach() for n in self.parameters if n not in same}
-        return Expert(name, tensors=self._hold(held), same_as_base=same)
+        held = {n: self._hold(n, tensors[n].detach()) for n in self.parameters if n not in same}
+        return Expert(name, tensors=held, same_as_base=same)
 
-    def _hold(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        target = self.device if self.storage == "device" else torch.device("cpu")
-        return {n: t.to(device=target, dtype=self.dtype) for n, t in tensors.items()}
+    def _hold(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+        """An expert tensor as the pool keeps it: its task vector, in the merge dtype, where the
+        storage says. The delta is formed in the merge dtype, as mergekit forms it."""
+        delta = weights.to(device=self.device, dtype=self.dtype) - self.base_tensors[name]
+        return delta.to(self._held_device)
 
     def _check_base_checkpoint(self) -> None:
         missing = [n for n in self.parameters if n not in set(self.base_checkpoint.names)]
@@ -205,8 +238,10 @@ class ExpertPool:
                 )
 
     def _auto_storage(self, num_experts: int) -> str:
-        expert_bytes = num_experts * sum(
-            p.numel() * p.element_size() for p in self.parameters.values()
+        expert_bytes = (
+            _COPIES_HELD
+            * num_experts
+            * sum(p.numel() * p.element_size() for p in self.parameters.values())
         )
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

@@ -61,38 +61,49 @@ class MethodSpec:
         _check_params(name, params)
         return cls(name=name, params=params, label=label)
 
-    def merge(self, base: torch.Tensor, experts: Sequence[torch.Tensor], *, stream: int = 0):
-        """Merge one tensor of the k experts into the base with weights 1/k."""
-        k = len(experts)
-        weights = [1.0 / k] * k
+    @property
+    def prepares_experts(self) -> bool:
+        """Whether each expert's task vector is trimmed or dropped before merging."""
+        return self.name in ("ties", "dare_ties", "dare_linear")
+
+    def prepare(
+        self, task_vector: torch.Tensor, *, tensor_name: str, expert_index: int
+    ) -> tuple[torch.Tensor, float]:
+        """One expert's task vector as this method merges it, and its scale factor.
+
+        Independent of the subset: a sweep prepares each expert once per method. DARE keeps
+        are drawn per (seed, tensor name, expert's index in the pool).
+        """
         p = self.params
-        if self.name == "average":
-            return triton_ops.task_arithmetic(base, experts, weights=weights)
-        if self.name == "task_arithmetic":
-            return triton_ops.task_arithmetic(
-                base, experts, weights=weights, normalize=p["normalize"], lambda_=p["lambda"]
-            )
-        densities = [p["density"]] * k
         if self.name == "ties":
-            return triton_ops.ties_merge(
-                base,
-                experts,
-                weights=weights,
-                densities=densities,
-                normalize=p["normalize"],
-                lambda_=p["lambda"],
+            return triton_ops.trim(task_vector, p["density"]), 1.0
+        if self.name in ("dare_ties", "dare_linear"):
+            return triton_ops.drop(
+                task_vector,
+                p["density"],
+                rescale=p["rescale"],
+                seed=p["seed"],
+                stream=triton_ops.tensor_stream(tensor_name),
+                expert_index=expert_index,
             )
-        return triton_ops.dare_merge(
+        return task_vector, 1.0
+
+    def merge(
+        self,
+        base: torch.Tensor,
+        task_vectors: Sequence[torch.Tensor],
+        scales: Sequence[float],
+    ) -> torch.Tensor:
+        """Merge prepared task vectors of k experts into the base with weights 1/k."""
+        k = len(task_vectors)
+        return triton_ops.merge_task_vectors(
             base,
-            experts,
-            weights=weights,
-            densities=densities,
-            consensus=self.name == "dare_ties",
-            normalize=p["normalize"],
-            rescale=p["rescale"],
-            lambda_=p["lambda"],
-            seed=p["seed"],
-            stream=stream,
+            task_vectors,
+            weights=[1.0 / k] * k,
+            scales=scales,
+            consensus=self.name in ("ties", "dare_ties"),
+            normalize=self.params.get("normalize", False),
+            lambda_=self.params.get("lambda", 1.0),
         )
 
 
