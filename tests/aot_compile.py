@@ -31,7 +31,7 @@ def variants(dtype: str, nonfinite_key: int) -> Iterator[tuple[str, object, dict
         "radix_histogram",
         ties._radix_histogram_kernel,
         {"base_ptr": tensor, "expert_ptrs": "*i64", "prefix_ptr": "*i64",
-         "histogram_ptr": "*i32", "nonfinite_ptr": "*i32", "numel": "i64",
+         "histogram_ptr": "*i64", "nonfinite_ptr": "*i32", "numel": "i64",
          "num_experts": "i32", "shift": "i32", "high": "i32"},
         {"NONFINITE_KEY": nonfinite_key, "COUNT_NONFINITE": True, "NUM_BINS": ties.NUM_BINS,
          "BLOCK": ties.BLOCK},

@@ -243,3 +243,16 @@ def test_records_are_valid_json_lines(tmp_path, family) -> None:
     run_sweep(config, progress=False)
     for line in config.output.read_text().splitlines():
         assert json.loads(line)["k"] == 1
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_streamed_storage_merges_exactly_like_in_memory(family, storage) -> None:
+    base, experts = family
+    method = MethodSpec.from_config({"name": "dare_ties", "density": 0.7, "seed": 3})
+    merged = {}
+    for mode in ("device", storage):
+        pool = ExpertPool(base, experts, dtype=torch.bfloat16, storage=mode)
+        pool.merge(method, ["expert0", "expert2", "expert3"])
+        merged[mode] = {n: p.detach().clone() for n, p in pool.model.named_parameters()}
+    for name, tensor in merged["device"].items():
+        assert torch.equal(tensor, merged[storage][name]), name

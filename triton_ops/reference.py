@@ -228,11 +228,12 @@ def _consensus_merge(
         positive_weight = torch.zeros_like(positive)
         negative_weight = torch.zeros_like(positive)
         for i, delta in enumerate(kept_deltas(start, stop)):
-            weight = inputs.weights[i]
-            positive += torch.where(delta > 0, delta, 0.0)
-            negative += torch.where(delta < 0, delta, 0.0)
-            positive_weight += torch.where(delta > 0, weight, 0.0)
-            negative_weight += torch.where(delta < 0, weight, 0.0)
+            # The same sums as the kernel's where(delta > 0, delta, 0) form, in fewer passes:
+            # clamp only differs on -0.0, which adds nothing, and weight * True is the weight.
+            positive.add_(delta.clamp(min=0))
+            negative.add_(delta.clamp(max=0))
+            positive_weight.add_(delta > 0, alpha=inputs.weights[i])
+            negative_weight.add_(delta < 0, alpha=inputs.weights[i])
         elected_positive = positive + negative >= 0
         mixed = torch.where(elected_positive, positive, negative)
         if normalize:
@@ -286,6 +287,8 @@ def _dare_l1_sums(
 
 
 def _count_nonfinite(delta: torch.Tensor) -> int:
+    if bool(torch.isfinite(delta).all()):
+        return 0
     return int((magnitude_key(delta) >= NONFINITE_KEY[delta.dtype]).sum())
 
 

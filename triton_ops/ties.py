@@ -63,7 +63,8 @@ def _radix_histogram_kernel(
         key = magnitude_key(delta)
         candidate = in_bounds & ((key >> high).to(tl.int64) == tl.load(prefix_ptr + i))
         counts = tl.histogram((key >> shift) & digit_mask, NUM_BINS, mask=candidate)
-        tl.atomic_add(histogram_ptr + i * NUM_BINS + tl.arange(0, NUM_BINS), counts)
+        # int64: one bin can hold more than 2**31 entries (e.g. zero deltas of a huge embedding).
+        tl.atomic_add(histogram_ptr + i * NUM_BINS + tl.arange(0, NUM_BINS), counts.to(tl.int64))
         if COUNT_NONFINITE:
             tl.atomic_add(nonfinite_ptr + i, count_nonfinite(delta, NONFINITE_KEY))
 
@@ -207,7 +208,7 @@ def _radix_select(
     pointers = expert_pointer_table(experts)
     remaining = torch.tensor(counts, dtype=torch.int64, device=device)
     prefix = torch.zeros_like(remaining)
-    histogram = torch.empty((len(trimmed), NUM_BINS), dtype=torch.int32, device=device)
+    histogram = torch.empty((len(trimmed), NUM_BINS), dtype=torch.int64, device=device)
     nonfinite = torch.zeros(len(trimmed), dtype=torch.int32, device=device)
     key_bits = KEY_BITS[dtype]
     high = key_bits
@@ -233,16 +234,16 @@ def _radix_select(
         )
         if high == key_bits:
             _check_finite(inputs, trimmed, nonfinite)
-        at_or_above = histogram.long().flip(1).cumsum(1)
+        at_or_above = histogram.flip(1).cumsum(1)
         position = (at_or_above < remaining[:, None]).sum(1)
         digit = NUM_BINS - 1 - position
         remaining = remaining - (
             at_or_above.gather(1, position[:, None]).squeeze(1)
-            - histogram.long().gather(1, digit[:, None]).squeeze(1)
+            - histogram.gather(1, digit[:, None]).squeeze(1)
         )
         prefix = (prefix << (high - shift)) | digit
         high = shift
-    ties_total = histogram.long().gather(1, digit[:, None]).squeeze(1)
+    ties_total = histogram.gather(1, digit[:, None]).squeeze(1)
     return prefix, remaining, ties_total
 
 
