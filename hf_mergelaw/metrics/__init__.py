@@ -1,0 +1,1 @@
+"""``evaluate`` metric modules shipped with hf-mergelaw (see ``hf_mergelaw.metric_path()``)."""
