@@ -1,0 +1,526 @@
+"""Fitting laws to sweep records: weighted, bounded, multi-start least squares with a bootstrap.
+
+Practice follows ``shared/spec/law.md`` section 4: the points are per-(N, k) subset means, weights
+are proportional to k (``sigma = 1/sqrt(k)``) because the subset variance falls like 1/k, all
+exponents and offsets are bounded below by 0, and several starts are refined with scipy's
+trust-region-reflective least squares, keeping the best.
+
+Usage::
+
+    >>> from hf_mergelaw.law import fit_sweep
+    >>> report = fit_sweep("sweep.jsonl", form="joint", by=("method", "domain"),
+    ...                    bootstrap=200, seed=0)                          # doctest: +SKIP
+    >>> report.fits[0].params, report.fits[0].ci                         # doctest: +SKIP
+
+Starting points: for built-in laws the parameters that enter linearly (``L_star, B, A0``) are
+solved in closed form on a grid over the others (exponents and b), so every grid point costs one
+small linear solve; the best few grid points are refined. Formula and callable laws get a grid
+over their bounds instead.
+
+Bootstrap: each replicate resamples the subsets of every (N, k) cell with replacement,
+recomputes the cell statistics and refits from the point estimate. Percentiles of the replicate
+parameters give the intervals; the replicates are kept so predictions get curve intervals.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from .errors import FitError, LawError
+from .laws import Bound, Law, Param, get_law, variance_companion
+from .records import CellTable, RecordSource, SweepRecords, load_records, make_cells
+from .result import Bootstrap, FitReport, FitResult, FittedCells, numeric_or_exact_jacobian, z_value
+
+Weights = Literal["k", "none", "inverse-variance"]
+Loss = Literal["linear", "huber"]
+WEIGHTS: tuple[str, ...] = ("k", "none", "inverse-variance")
+LOSSES: tuple[str, ...] = ("linear", "huber")
+
+_N_REFINE = 5
+_MAX_GENERIC_STARTS = 512
+# Huber's classical tuning constant (95% efficiency under normal noise) and the MAD -> sd factor.
+_HUBER_C, _MAD_TO_SD = 1.345, 1.4826
+# Scaled residuals that overflow are replaced so the optimiser backs away instead of aborting.
+_BAD_RESIDUAL = 1e6
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One weighted least-squares problem: law values at ``x`` should match ``y``."""
+
+    law: Law
+    x: dict[str, np.ndarray]
+    y: np.ndarray
+    sqrt_w: np.ndarray
+    loss: str
+    f_scale: float = 1.0
+    max_nfev: int | None = None
+
+    @property
+    def scale(self) -> float:
+        # Residuals are divided by the spread of y so gradient tolerances mean the same thing
+        # for CE (~0.5) and for subset variances (~1e-3).
+        spread = float(np.std(self.y))
+        return spread if spread > 0 else max(float(np.abs(self.y).max()), 1e-12)
+
+    def with_y(self, y: np.ndarray) -> _Problem:
+        return replace(self, y=y)
+
+    def weighted_sse(self, theta: np.ndarray) -> float:
+        r = (self.law.evaluate(theta, self.x) - self.y) * self.sqrt_w
+        return float(np.sum(r**2)) if np.all(np.isfinite(r)) else np.inf
+
+    def solve(self, start: np.ndarray) -> Any:
+        law, x, y, sqrt_w, scale = self.law, self.x, self.y, self.sqrt_w, self.scale
+
+        def residuals(theta: np.ndarray) -> np.ndarray:
+            r = (law.evaluate(theta, x) - y) * sqrt_w / scale
+            return np.nan_to_num(r, nan=_BAD_RESIDUAL, posinf=_BAD_RESIDUAL, neginf=-_BAD_RESIDUAL)
+
+        def exact_jac(theta: np.ndarray) -> np.ndarray:
+            return np.nan_to_num(law.jac(theta, x) * (sqrt_w / scale)[:, None])
+
+        jac: Callable[[np.ndarray], np.ndarray] | str = exact_jac if law.jac else "2-point"
+        return least_squares(
+            residuals,
+            np.clip(start, law.lower, law.upper),
+            jac=jac,
+            bounds=(law.lower, law.upper),
+            method="trf",
+            loss=self.loss,
+            f_scale=self.f_scale,
+            x_scale="jac",
+            max_nfev=self.max_nfev,
+        )
+
+
+def fit_law(
+    data: RecordSource | SweepRecords,
+    form: str | Law = "joint",
+    *,
+    params: Mapping[str, Param | Bound | tuple] | None = None,
+    weights: Weights = "k",
+    loss: Loss = "linear",
+    bootstrap: int = 0,
+    seed: int | Sequence[int] = 0,
+    level: float = 0.9,
+    variance: bool = True,
+    max_nfev: int | None = None,
+    group: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Fit one law to the records of one group.
+
+    Args:
+        data: records (see :func:`load_records`) of one group; per-size laws need a single N.
+        form: ``"per-size"``, ``"joint"``, ``"variance"``, ``"variance-per-size"``,
+            ``"free-exponent"``, a formula string, or a :class:`Law`.
+        params: bounds overrides for built-ins / parameter declarations for formulas, e.g.
+            ``{"c": (0, 10), "a": (0, None), "d": (0.1, 3, 1.0)}`` (lower, upper[, start]).
+        weights: ``"k"`` (paper: sigma = 1/sqrt(k)), ``"none"`` or ``"inverse-variance"`` (the
+            observed variance of each cell statistic; cells without one get c/k).
+        loss: ``"linear"`` least squares or ``"huber"`` (scale from the linear fit's MAD).
+        bootstrap: number of replicates (0 = Wald intervals from the Jacobian).
+        seed: bootstrap seed.
+        level: coverage of the reported intervals.
+        variance: also fit the variance law (for prediction intervals) when cells allow.
+        max_nfev: cap on function evaluations per optimiser run (None: scipy's default).
+        group: grouping values stored on the result.
+
+    Raises:
+        FitError: one k value, fewer cells than parameters, too few sizes for an N law, or no
+            start converged.
+    """
+    law = get_law(form, params)
+    if weights not in WEIGHTS:
+        raise LawError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if loss not in LOSSES:
+        raise LawError(f"loss must be one of {LOSSES}, got {loss!r}")
+    z_value(level)
+    records = data if isinstance(data, SweepRecords) else load_records(data)
+    group = dict(group or {})
+    sizes = np.unique(records.N[np.isfinite(records.N)])
+    if "N" not in law.variables and sizes.size == 1:
+        # A per-size fit only describes its own size; keep it with the result.
+        group.setdefault("N", float(sizes[0]))
+    label = _label(group)
+    cells = _usable_cells(law, make_cells(records), label)
+    notes: list[str] = []
+    y = cells.mean if law.target == "mean" else cells.var
+    w = _weights(weights, law.target, cells, notes)
+    problem = _Problem(law, cells.x, y, np.sqrt(w), "linear", max_nfev=max_nfev)
+    theta = _multistart(problem, label)
+    if loss == "huber":
+        problem = _huber_problem(problem, theta)
+        theta = _refine(problem, [theta], label)
+
+    fitted = law.evaluate(theta, problem.x)
+    resid = y - fitted
+    dof = len(y) - len(theta)
+    s2 = float(np.sum(w * resid**2) / dof) if dof > 0 else np.nan
+    covariance = _covariance(law, theta, problem, s2)
+    boot = None
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        boot = _bootstrap(problem, cells, theta, fitted, bootstrap, rng, seed)
+        if not boot.usable:
+            notes.append(
+                f"only {boot.params.shape[0]} of {bootstrap} bootstrap refits succeeded; "
+                "intervals are Wald intervals"
+            )
+    stderr, ci = _intervals(law, theta, covariance, boot, level)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    result_fit = FitResult(
+        law=law,
+        group=group,
+        params=dict(zip(law.param_names, map(float, theta), strict=True)),
+        stderr=stderr,
+        ci=ci,
+        level=level,
+        r2=1 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else np.nan,
+        rmse=float(np.sqrt(np.mean(resid**2))),
+        n_points=int(cells.n.sum()),
+        n_cells=len(cells),
+        cells=FittedCells(cells.N, cells.k, y, fitted, cells.var, cells.n),
+        weights=weights,
+        loss=loss,
+        weighted_sse=float(np.sum(w * resid**2)),
+        covariance=covariance,
+        residual_k_variance=float(np.sum(cells.k * resid**2) / dof) if dof > 0 else np.nan,
+        bootstrap=boot,
+        notes=notes,
+    )
+    if variance and law.target == "mean":
+        result_fit.variance = _companion_variance(records, law, weights, max_nfev, group, notes)
+    return result_fit
+
+
+def fit_sweep(
+    data: RecordSource | SweepRecords,
+    form: str | Law = "joint",
+    *,
+    by: Sequence[str] = (),
+    strict: bool = False,
+    seed: int = 0,
+    **options: Any,
+) -> FitReport:
+    """Load records, split them by ``by`` fields (and by N for laws without N), fit each group.
+
+    ``options`` are passed to :func:`fit_law` (``params``, ``weights``, ``loss``, ``bootstrap``,
+    ``level``, ``variance``, ``max_nfev``). Group ``i`` bootstraps with seed ``[seed, i]``.
+
+    >>> report = fit_sweep(records, form="per-size", by=("method",))      # doctest: +SKIP
+    >>> [(f.group, f.params["A"]) for f in report.fits]                   # doctest: +SKIP
+    """
+    records = data if isinstance(data, SweepRecords) else load_records(data, strict=strict)
+    law = get_law(form, options.pop("params", None))
+    keys = list(by)
+    if "N" not in law.variables and records.has_sizes and "N" not in keys:
+        keys.append("N")
+    fits = [
+        fit_law(recs, law, seed=[seed, i], group=group, **options)
+        for i, (group, recs) in enumerate(records.groups(keys))
+    ]
+    return FitReport(
+        fits=fits,
+        form=law.name,
+        by=tuple(by),
+        dropped=dict(records.dropped),
+        n_records=records.n_read,
+    )
+
+
+def _label(group: Mapping[str, Any] | None) -> str:
+    if not group:
+        return "the records"
+    return "group " + ", ".join(f"{k}={v}" for k, v in group.items())
+
+
+def _usable_cells(law: Law, cells: CellTable, label: str) -> CellTable:
+    """Cells the law can be fitted to, or a FitError saying why there are not enough."""
+    if law.target == "var":
+        cells = cells.select(cells.n >= 2)
+        if len(cells) == 0:
+            raise FitError(
+                f"{label}: the variance law needs cells with at least two subsets each; "
+                "every (N, k) cell holds one record"
+            )
+    sizes = np.unique(cells.N[np.isfinite(cells.N)])
+    if "N" in law.variables and np.isnan(cells.N).any():
+        raise FitError(
+            f"{label}: the {law.name} law uses N but the records carry no N; add N (billions) "
+            "to each record or use --form per-size"
+        )
+    if "N" not in law.variables and sizes.size > 1:
+        raise FitError(
+            f"{label}: {sizes.size} sizes in one group but the {law.name} law has no N; "
+            "fit each size separately (fit_sweep groups by N) or use --form joint"
+        )
+    n_sizes_needed = 3 if law.name in ("joint", "variance") else 1
+    if "N" in law.variables and sizes.size < n_sizes_needed:
+        raise FitError(
+            f"{label}: the {law.name} law needs at least {n_sizes_needed} base sizes to "
+            f"separate the floor terms, got {sizes.size} ({', '.join(f'{s:g}' for s in sizes)}); "
+            "use --form per-size"
+        )
+    distinct_k = np.unique(cells.k)
+    if distinct_k.size < 2:
+        raise FitError(
+            f"{label}: only one k value (k={distinct_k[0]}); a law in k needs merges at "
+            "two or more k values: add them, or drop this group"
+        )
+    n_params = len(law.params)
+    if len(cells) < n_params:
+        raise FitError(
+            f"{label}: {len(cells)} (N, k) cells for {n_params} parameters of the {law.name} "
+            "law; add k values or sizes, or use a law with fewer parameters (--form per-size)"
+        )
+    return cells
+
+
+def _weights(scheme: str, target: str, cells: CellTable, notes: list[str]) -> np.ndarray:
+    k = cells.k.astype(float)
+    if scheme == "k":
+        return k
+    if scheme == "none":
+        return np.ones_like(k)
+    var = cells.var.copy()
+    known = np.isfinite(var) & (var > 0)
+    if not known.any():
+        raise FitError(
+            "inverse-variance weights need cells with at least two distinct subsets; "
+            "use --weights k"
+        )
+    if not known.all():
+        # Impute with the paper's Var ~ 1/k shape, calibrated on the cells that have a variance.
+        var[~known] = np.median(var[known] * k[known]) / k[~known]
+        notes.append(f"{int((~known).sum())} cells had no subset variance; imputed as c/k")
+    if target == "mean":
+        return cells.n / var
+    # Sampling variance of a sample variance under normality: 2 sigma^4 / (n - 1).
+    return (cells.n - 1) / (2 * var**2)
+
+
+def _start_points(problem: _Problem) -> np.ndarray:
+    """Candidate starts, best (lowest weighted SSE) first."""
+    law = problem.law
+    candidates = _separable_starts(problem) if law.separable is not None else _grid_starts(law)
+    costs = np.array([problem.weighted_sse(c) for c in candidates])
+    order = np.argsort(costs, kind="stable")
+    return candidates[order][np.isfinite(costs[order])]
+
+
+def _separable_starts(problem: _Problem) -> np.ndarray:
+    law, sep = problem.law, problem.law.separable
+    assert sep is not None
+    index = {p.name: i for i, p in enumerate(law.params)}
+    grids = {}
+    for name, values in sep.grid.items():
+        p = law.params[index[name]]
+        grids[name] = (
+            [p.start] if p.start is not None else sorted(set(np.clip(values, p.lower, p.upper)))
+        )
+    lin = [index[n] for n in sep.linear]
+    out = []
+    for combo in itertools.product(*grids.values()):
+        eta = dict(zip(grids, combo, strict=True))
+        basis = sep.basis(eta, problem.x) * problem.sqrt_w[:, None]
+        coef, *_ = np.linalg.lstsq(basis, problem.y * problem.sqrt_w, rcond=None)
+        theta = np.empty(len(law.params))
+        theta[lin] = np.clip(coef, law.lower[lin], law.upper[lin])
+        for name, value in eta.items():
+            theta[index[name]] = value
+        out.append(theta)
+    return np.array(out)
+
+
+def _grid_starts(law: Law) -> np.ndarray:
+    """Starts for laws without structure: a few points inside each parameter's bounds."""
+
+    def candidates(p: Param) -> list[float]:
+        if p.start is not None:
+            return [p.start]
+        lo, hi = p.lower, p.upper
+        if np.isfinite(lo) and np.isfinite(hi):
+            return [lo + f * (hi - lo) for f in (0.1, 0.5, 0.9)]
+        if np.isfinite(lo):
+            return [lo + 0.1, lo + 1.0]
+        if np.isfinite(hi):
+            return [hi - 0.1, hi - 1.0]
+        return [0.1, 1.0]
+
+    grid = np.array(list(itertools.product(*(candidates(p) for p in law.params))))
+    if len(grid) > _MAX_GENERIC_STARTS:
+        # Deterministic thinning keeps the fit reproducible without a user seed.
+        pick = np.random.default_rng(0).choice(len(grid), _MAX_GENERIC_STARTS, replace=False)
+        grid = grid[np.sort(pick)]
+    return grid
+
+
+def _multistart(problem: _Problem, label: str) -> np.ndarray:
+    starts = _start_points(problem)
+    if len(starts) == 0:
+        raise FitError(
+            f"{label}: the {problem.law.name} law is not finite at any starting point; "
+            "check the formula and the parameter bounds"
+        )
+    return _refine(problem, list(starts[:_N_REFINE]), label)
+
+
+def _refine(problem: _Problem, starts: Sequence[np.ndarray], label: str) -> np.ndarray:
+    best = None
+    statuses = []
+    for start in starts:
+        result = problem.solve(start)
+        statuses.append(result.status)
+        if (
+            result.status > 0
+            and np.isfinite(result.cost)
+            and (best is None or result.cost < best.cost)
+        ):
+            best = result
+    if best is None:
+        budget = "scipy's default" if problem.max_nfev is None else problem.max_nfev
+        raise FitError(
+            f"{label}: the {problem.law.name} fit did not converge from any of {len(starts)} "
+            f"starts within {budget} function evaluations (least_squares status {statuses}); "
+            "try --loss huber, a simpler form, tighter --param bounds, or check the data"
+        )
+    return best.x
+
+
+def _huber_problem(problem: _Problem, theta: np.ndarray) -> _Problem:
+    r = (problem.law.evaluate(theta, problem.x) - problem.y) * problem.sqrt_w / problem.scale
+    sd = _MAD_TO_SD * float(np.median(np.abs(r - np.median(r))))
+    return replace(problem, loss="huber", f_scale=max(_HUBER_C * sd, 1e-8))
+
+
+def _covariance(law: Law, theta: np.ndarray, problem: _Problem, s2: float) -> np.ndarray:
+    jw = numeric_or_exact_jacobian(law, theta, problem.x) * problem.sqrt_w[:, None]
+    if not np.isfinite(s2) or not np.all(np.isfinite(jw)):
+        return np.full((len(theta), len(theta)), np.nan)
+    return s2 * np.linalg.pinv(jw.T @ jw)
+
+
+def _resampled_statistics(
+    cells: CellTable, target: str, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n_boot, n_cells) cell statistics after resampling each cell's subsets with replacement.
+
+    Resampled means are spread by sqrt(n/(n-1)) so their variance matches the unbiased s^2/n
+    (the plain bootstrap is short by (n-1)/n, which matters for the 9-subset cells at k=1).
+    A cell with one subset has nothing to resample; its mean is perturbed by a normal draw
+    with variance c/k, c calibrated on the multi-subset cells of the same size (the paper's
+    Var ~ 1/k), so the single-merge cells (k = M) do not look noise-free.
+    """
+    out = np.empty((n_boot, len(cells)))
+    single_var = _single_merge_variance(cells)
+    for j, values in enumerate(cells.values):
+        n = values.size
+        if n == 1:
+            out[:, j] = values[0] + np.sqrt(single_var[j]) * rng.standard_normal(n_boot)
+            continue
+        draws = values[rng.integers(0, n, size=(n_boot, n))]
+        if target == "mean":
+            out[:, j] = values.mean() + np.sqrt(n / (n - 1)) * (draws.mean(axis=1) - values.mean())
+        else:
+            out[:, j] = draws.var(axis=1, ddof=1)
+    return out
+
+
+def _single_merge_variance(cells: CellTable) -> np.ndarray:
+    """Per-cell variance of one merge: observed where a cell has two subsets, else c_N / k."""
+    known = np.isfinite(cells.var)
+    scaled = cells.var * cells.k
+    overall = float(np.median(scaled[known])) if known.any() else 0.0
+    out = np.empty(len(cells))
+    for j in range(len(cells)):
+        same = known & ((cells.N[j] == cells.N) | (np.isnan(cells.N) & np.isnan(cells.N[j])))
+        c = float(np.median(scaled[same])) if same.any() else overall
+        out[j] = cells.var[j] if known[j] else c / cells.k[j]
+    return out
+
+
+def _bootstrap(
+    problem: _Problem,
+    cells: CellTable,
+    theta: np.ndarray,
+    fitted: np.ndarray,
+    n_boot: int,
+    rng: np.random.Generator,
+    seed: int | Sequence[int],
+) -> Bootstrap:
+    if (cells.n >= 2).any():
+        kind = "subsets"
+        ys = _resampled_statistics(cells, problem.law.target, n_boot, rng)
+    else:
+        # Nothing to resample within cells: resample weighted residuals instead, inflated for
+        # the parameters' degrees of freedom.
+        kind = "residuals"
+        m, p = len(fitted), len(theta)
+        e = (problem.y - fitted) * problem.sqrt_w * np.sqrt(m / max(m - p, 1))
+        ys = fitted + rng.choice(e, size=(n_boot, m)) / problem.sqrt_w
+    replicates, failed = [], 0
+    for y in ys:
+        result = problem.with_y(y).solve(theta)
+        if result.status > 0 and np.all(np.isfinite(result.x)):
+            replicates.append(result.x)
+        else:
+            failed += 1
+    params = np.array(replicates).reshape(-1, len(theta))
+    seed_json = seed if isinstance(seed, int) else [int(s) for s in seed]
+    return Bootstrap(n_boot, seed_json, kind, failed, params)
+
+
+def _intervals(
+    law: Law, theta: np.ndarray, covariance: np.ndarray, boot: Bootstrap | None, level: float
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    names = law.param_names
+    if boot is not None and boot.usable:
+        se = boot.params.std(axis=0, ddof=1)
+        lo, hi = np.quantile(boot.params, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    else:
+        with np.errstate(invalid="ignore"):
+            se = np.sqrt(np.diag(covariance))
+        z = z_value(level)
+        lo = np.clip(theta - z * se, law.lower, law.upper)
+        hi = np.clip(theta + z * se, law.lower, law.upper)
+    stderr = dict(zip(names, map(float, se), strict=True))
+    ci = {n: (float(a), float(b)) for n, a, b in zip(names, lo, hi, strict=True)}
+    return stderr, ci
+
+
+def _companion_variance(
+    records: SweepRecords,
+    law: Law,
+    weights: str,
+    max_nfev: int | None,
+    group: Mapping[str, Any] | None,
+    notes: list[str],
+) -> FitResult | None:
+    cells = make_cells(records)
+    if not (cells.n >= 2).any():
+        notes.append(
+            "no variance law: every cell holds one merge, so prediction intervals use the "
+            "residual scatter of the cells"
+        )
+        return None
+    n_sizes = np.unique(cells.N[np.isfinite(cells.N)]).size
+    vlaw = variance_companion(law, n_sizes)
+    try:
+        return fit_law(
+            records,
+            vlaw,
+            weights="none" if weights == "none" else "k",
+            variance=False,
+            max_nfev=max_nfev,
+            group=group,
+        )
+    except FitError as exc:
+        notes.append(f"no variance law ({exc}); prediction intervals use the residual scatter")
+        return None

@@ -1,0 +1,465 @@
+"""Fit results: parameters with uncertainty, prediction intervals and a JSON round trip.
+
+Usage::
+
+    report = fit_sweep("sweep.jsonl", form="joint", by=("method",), bootstrap=200)
+    fit = report.fits[0]
+    fit.params["L_star"], fit.ci["L_star"], fit.r2
+    pred = fit.predict(N=72, k=np.arange(1, 10))        # mean, lo/hi (mean curve), pi_lo/pi_hi
+    report.save("fit.json"); FitReport.load("fit.json").fits[0].predict(72, 9)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import FitError, LawError
+from .laws import Law
+
+FORMAT_VERSION = 1
+# Fewer successful bootstrap replicates than this give too rough a percentile interval.
+MIN_BOOTSTRAP = 10
+
+PiSource = Literal["variance-law", "residual", "none"]
+
+
+def z_value(level: float) -> float:
+    """Two-sided normal quantile for a central interval of probability ``level``."""
+    if not 0 < level < 1:
+        raise LawError(f"interval level must lie in (0, 1), got {level}")
+    return NormalDist().inv_cdf((1 + level) / 2)
+
+
+@dataclass(frozen=True)
+class FittedCells:
+    """The (N, k) cells a law was fitted to: observed statistic, fitted value, spread, count."""
+
+    N: np.ndarray
+    k: np.ndarray
+    observed: np.ndarray
+    fitted: np.ndarray
+    var: np.ndarray
+    n: np.ndarray
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.observed - self.fitted
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "N": json_float(self.N[i]),
+                "k": int(self.k[i]),
+                "observed": float(self.observed[i]),
+                "fitted": float(self.fitted[i]),
+                "residual": float(self.residuals[i]),
+                "var": json_float(self.var[i]),
+                "n": int(self.n[i]),
+            }
+            for i in range(self.k.size)
+        ]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> FittedCells:
+        def col(name: str, dtype: type = float) -> np.ndarray:
+            return np.array([_from_json(r[name]) for r in rows], dtype=dtype)
+
+        return cls(
+            col("N"), col("k", int), col("observed"), col("fitted"), col("var"), col("n", int)
+        )
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Bootstrap replicates of the parameter vector.
+
+    ``kind`` is ``"subsets"`` (subsets resampled within each (N, k) cell) or ``"residuals"``
+    (used when no cell holds two subsets, so there is nothing to resample within cells).
+    """
+
+    requested: int
+    seed: int | list[int]
+    kind: Literal["subsets", "residuals"]
+    n_failed: int
+    params: np.ndarray
+
+    @property
+    def usable(self) -> bool:
+        return self.params.shape[0] >= MIN_BOOTSTRAP
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted statistic with a CI for the mean curve and a PI for one merged model.
+
+    Arrays are flat, one entry per requested (N, k) point. ``ci_source`` is ``"bootstrap"``
+    (percentiles of refitted curves) or ``"delta"`` (linearised covariance); ``pi_source`` says
+    where the single-merge spread came from: ``"variance-law"`` (the fitted variance law),
+    ``"residual"`` (scatter of cell means around the curve scaled as 1/k; exact when cells
+    hold one merge each, a lower bound otherwise) or ``"none"`` (variance fits: PI = CI).
+    """
+
+    N: np.ndarray
+    k: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    pi_lo: np.ndarray
+    pi_hi: np.ndarray
+    level: float
+    ci_source: Literal["bootstrap", "delta"]
+    pi_source: PiSource
+
+    def to_rows(self, group: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return [
+            {
+                "group": dict(group or {}),
+                "N": json_float(self.N[i]),
+                "k": json_float(self.k[i]),
+                "mean": float(self.mean[i]),
+                "lo": json_float(self.lo[i]),
+                "hi": json_float(self.hi[i]),
+                "pi_lo": json_float(self.pi_lo[i]),
+                "pi_hi": json_float(self.pi_hi[i]),
+                "level": self.level,
+                "pi_source": self.pi_source,
+            }
+            for i in range(self.mean.size)
+        ]
+
+
+@dataclass
+class FitResult:
+    """One fitted law for one group of records.
+
+    Attributes:
+        law: the fitted :class:`Law`.
+        group: the grouping values (e.g. ``{"method": "ties", "domain": "code"}``; per-size fits
+            also carry ``"N"``).
+        params, stderr, ci: point estimates, standard errors and ``level`` intervals by name
+            (bootstrap sd and percentiles when a bootstrap ran, Wald otherwise).
+        r2, rmse: unweighted goodness of fit on the cell statistics.
+        n_points, n_cells: records used and (N, k) cells fitted.
+        cells: observed vs fitted per cell (``cells.residuals`` are the residuals).
+        weights, loss: the weighting scheme and loss used; ``weighted_sse`` is sum w r^2.
+        covariance: Wald covariance of the parameters (weighted Gauss-Newton).
+        residual_k_variance: ``c`` in ``Var(cell mean) ~ c / k`` from the residuals, the
+            single-merge spread used when no variance law is available.
+        variance: the companion variance-law fit used for prediction intervals, if any.
+        notes: anything the user should know (imputed weights, skipped variance fit, ...).
+    """
+
+    law: Law
+    group: dict[str, Any]
+    params: dict[str, float]
+    stderr: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    level: float
+    r2: float
+    rmse: float
+    n_points: int
+    n_cells: int
+    cells: FittedCells
+    weights: str
+    loss: str
+    weighted_sse: float
+    covariance: np.ndarray
+    residual_k_variance: float
+    bootstrap: Bootstrap | None = None
+    variance: FitResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def form(self) -> str:
+        return self.law.name
+
+    @property
+    def theta(self) -> np.ndarray:
+        return np.array([self.params[n] for n in self.law.param_names])
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return self.cells.residuals
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Distinct base sizes in the fitted cells (empty when the records carried none)."""
+        return np.unique(self.cells.N[np.isfinite(self.cells.N)])
+
+    def param_samples(self, n: int = 1000, seed: int = 0) -> np.ndarray | None:
+        """Parameter draws for propagating uncertainty: bootstrap replicates when available,
+        otherwise ``n`` normal draws from the Wald covariance clipped to the bounds; None when
+        the covariance is not finite."""
+        if self.bootstrap is not None and self.bootstrap.usable:
+            return self.bootstrap.params
+        if not np.all(np.isfinite(self.covariance)):
+            return None
+        rng = np.random.default_rng(seed)
+        draws = rng.multivariate_normal(self.theta, self.covariance, size=n, method="eigh")
+        return np.clip(draws, self.law.lower, self.law.upper)
+
+    def predict(
+        self, N: float | np.ndarray | None, k: float | np.ndarray, *, level: float | None = None
+    ) -> Prediction:
+        """Predicted mean (or variance, for variance laws) at every (N, k) pair (broadcast).
+
+        ``N`` may be None for laws without N; a per-size fit only predicts at its own size.
+        """
+        level = self.level if level is None else level
+        x = self._points(N, k)
+        mean = self.law.evaluate(self.theta, x)
+        z = z_value(level)
+        boot = self.bootstrap
+        if boot is not None and boot.usable:
+            curves = self.law.evaluate_many(boot.params, x)
+            lo, hi = np.nanquantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
+            se, ci_source = np.nanstd(curves, axis=0, ddof=1), "bootstrap"
+        else:
+            grad = numeric_or_exact_jacobian(self.law, self.theta, x)
+            with np.errstate(invalid="ignore"):
+                se = np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad))
+            lo, hi, ci_source = mean - z * se, mean + z * se, "delta"
+        spread, pi_source = self._single_merge_variance(x)
+        if pi_source == "none":
+            pi_lo, pi_hi = lo, hi
+        else:
+            half = z * np.sqrt(spread + np.nan_to_num(se) ** 2)
+            pi_lo, pi_hi = mean - half, mean + half
+        return Prediction(
+            N=x.get("N", np.full(mean.shape, np.nan)),
+            k=x["k"],
+            mean=mean,
+            lo=lo,
+            hi=hi,
+            pi_lo=pi_lo,
+            pi_hi=pi_hi,
+            level=level,
+            ci_source=ci_source,
+            pi_source=pi_source,
+        )
+
+    def _points(self, N: float | np.ndarray | None, k: float | np.ndarray) -> dict[str, np.ndarray]:
+        if "N" not in self.law.variables:
+            own = self.group.get("N")
+            if N is not None and own is not None and not np.allclose(N, own):
+                raise LawError(
+                    f"this {self.form} fit is for N={own:g}; it cannot predict other sizes "
+                    "(fit --form joint to extrapolate in N)"
+                )
+            kk = np.atleast_1d(np.asarray(k, dtype=float)).ravel()
+            return {"N": np.full(kk.shape, np.nan if own is None else float(own)), "k": kk}
+        if N is None:
+            raise LawError(f"the {self.form} law needs N (billions of parameters) to predict")
+        nn, kk = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(k, dtype=float))
+        return {"N": nn.ravel().copy(), "k": kk.ravel().copy()}
+
+    def _single_merge_variance(self, x: Mapping[str, np.ndarray]) -> tuple[np.ndarray, PiSource]:
+        if self.law.target == "var":
+            return np.zeros_like(x["k"]), "none"
+        if self.variance is not None:
+            var = self.variance.law.evaluate(self.variance.theta, x)
+            return np.clip(var, 0.0, None), "variance-law"
+        return np.full_like(x["k"], self.residual_k_variance) / x["k"], "residual"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` restores an equivalent result."""
+        names = self.law.param_names
+        boot = self.bootstrap
+        return json_safe(
+            {
+                "group": self.group,
+                "form": self.form,
+                "law": self.law.to_dict(),
+                "params": self.params,
+                "stderr": self.stderr,
+                "ci": {n: list(self.ci[n]) for n in names},
+                "level": self.level,
+                "r2": self.r2,
+                "rmse": self.rmse,
+                "n_points": self.n_points,
+                "n_cells": self.n_cells,
+                "weights": self.weights,
+                "loss": self.loss,
+                "weighted_sse": self.weighted_sse,
+                "covariance": self.covariance.tolist(),
+                "residual_k_variance": self.residual_k_variance,
+                "bootstrap": None
+                if boot is None
+                else {
+                    "requested": boot.requested,
+                    "seed": boot.seed,
+                    "kind": boot.kind,
+                    "n_failed": boot.n_failed,
+                    "params": boot.params.tolist(),
+                },
+                "cells": self.cells.to_rows(),
+                "variance": None if self.variance is None else self.variance.to_dict(),
+                "notes": self.notes,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], callable_law: Law | None = None) -> FitResult:
+        law = Law.from_dict(data["law"], callable_law)
+        names = law.param_names
+        boot = data.get("bootstrap")
+        p = len(names)
+        return cls(
+            law=law,
+            group=dict(data["group"]),
+            params={n: float(data["params"][n]) for n in names},
+            stderr={n: _from_json(data["stderr"][n]) for n in names},
+            ci={n: tuple(_from_json(v) for v in data["ci"][n]) for n in names},
+            level=float(data["level"]),
+            r2=_from_json(data["r2"]),
+            rmse=_from_json(data["rmse"]),
+            n_points=int(data["n_points"]),
+            n_cells=int(data["n_cells"]),
+            cells=FittedCells.from_rows(data["cells"]),
+            weights=data["weights"],
+            loss=data["loss"],
+            weighted_sse=_from_json(data["weighted_sse"]),
+            covariance=np.array(
+                [[_from_json(v) for v in row] for row in data["covariance"]], dtype=float
+            ).reshape(p, p),
+            residual_k_variance=_from_json(data["residual_k_variance"]),
+            bootstrap=None
+            if boot is None
+            else Bootstrap(
+                requested=int(boot["requested"]),
+                seed=boot["seed"],
+                kind=boot["kind"],
+                n_failed=int(boot["n_failed"]),
+                params=np.array(boot["params"], dtype=float).reshape(-1, p),
+            ),
+            variance=None if data.get("variance") is None else cls.from_dict(data["variance"]),
+            notes=list(data.get("notes", [])),
+        )
+
+
+@dataclass
+class FitReport:
+    """All fits of one ``fit_sweep`` call plus what was dropped on the way in."""
+
+    fits: list[FitResult]
+    form: str
+    by: tuple[str, ...] = ()
+    dropped: dict[str, int] = field(default_factory=dict)
+    n_records: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "form": self.form,
+            "by": list(self.by),
+            "n_records": self.n_records,
+            "dropped": dict(self.dropped),
+            "fits": [f.to_dict() for f in self.fits],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], callable_law: Law | None = None) -> FitReport:
+        if "fits" not in data:
+            raise LawError("not a fit file: no 'fits' list (write one with `hf-mergelaw fit`)")
+        return cls(
+            fits=[FitResult.from_dict(f, callable_law) for f in data["fits"]],
+            form=data.get("form", ""),
+            by=tuple(data.get("by", ())),
+            dropped=dict(data.get("dropped", {})),
+            n_records=int(data.get("n_records", 0)),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (temp file + rename): a failure never leaves a partial file."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FitReport:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise LawError(f"fit file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise LawError(f"fit file {path} is not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data)
+
+    def select(self, group: Mapping[str, Any]) -> list[FitResult]:
+        """Fits whose group contains every item of ``group`` (values compared as strings)."""
+        chosen = [
+            f for f in self.fits if all(str(f.group.get(k)) == str(v) for k, v in group.items())
+        ]
+        if not chosen:
+            raise FitError(
+                f"no fit matches group {dict(group)}; groups: {[f.group for f in self.fits]}"
+            )
+        return chosen
+
+
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    The temp file is opened exclusively under a random name (not via ``mkstemp``) so the result
+    gets the usual umask permissions rather than 0600.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with tmp.open("xb") as fh:
+            fh.write(text.encode() if isinstance(text, str) else text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def numeric_or_exact_jacobian(
+    law: Law, theta: np.ndarray, x: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """d f / d theta at the points ``x``: the law's own Jacobian, else forward/backward differences
+    that stay inside the bounds."""
+    if law.jac is not None:
+        with np.errstate(all="ignore"):
+            return np.asarray(law.jac(theta, x), dtype=float)
+    base = law.evaluate(theta, x)
+    cols = []
+    for j, upper in enumerate(law.upper):
+        # Step forward unless that crosses the upper bound; a backward step from a value at its
+        # upper bound stays feasible because lower < upper.
+        step = 1e-6 * max(1.0, abs(theta[j]))
+        if theta[j] + step > upper:
+            step = -step
+        shifted = theta.copy()
+        shifted[j] += step
+        cols.append((law.evaluate(shifted, x) - base) / step)
+    return np.column_stack(cols)
+
+
+def json_float(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def _from_json(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def json_safe(obj: Any) -> Any:
+    """Replace non-finite floats by None and numpy scalars by Python ones, recursively."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return json_float(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
