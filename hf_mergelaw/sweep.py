@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .cross_entropy import CrossEntropy, EvalSet, build_eval_set, cross_entropy
@@ -118,13 +119,14 @@ def sweep_pool(
     progress: bool = True,
 ) -> SweepSummary:
     """Sweep an already loaded pool; the model ends with the base weights restored."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _process_state(pool.device.type)
     output = Path(output)
     jobs = plan_jobs(methods, ks, pool.names, sampling)
+    # Every rank must split the same job list: all read what is done before any writes more.
+    state.wait_for_everyone()
     done = {_record_key(r) for path in _result_files(output) for r in ResultsFile(path)}
     todo = [job for job in jobs if job.key not in done]
+    state.wait_for_everyone()
     results = ResultsFile(_rank_file(output, state) if state.num_processes > 1 else output)
     size = N if N is not None else pool.num_parameters_billions
     written = 0
@@ -203,10 +205,15 @@ def _rank_device(device: str) -> str:
     """Under accelerate/torchrun with device auto, each rank merges on its own GPU."""
     if device != "auto":
         return device
+    state = _process_state("cuda" if torch.cuda.is_available() else "cpu")
+    return str(state.device) if state.num_processes > 1 else device
+
+
+def _process_state(device_type: str) -> Any:
+    """accelerate's view of the launch; on CPU it joins a torchrun world only when told so."""
     from accelerate import PartialState
 
-    state = PartialState()
-    return str(state.device) if state.num_processes > 1 else device
+    return PartialState(cpu=device_type == "cpu")
 
 
 def _rank_file(output: Path, state: Any) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,23 @@ def test_streamed_storage_merges_exactly_like_in_memory(family, storage) -> None
         merged[mode] = {n: p.detach().clone() for n, p in pool.model.named_parameters()}
     for name, tensor in merged["device"].items():
         assert torch.equal(tensor, merged[storage][name]), name
+
+
+def test_two_torchrun_processes_share_one_sweep(tmp_path, family) -> None:
+    config_path = _sweep_yaml(tmp_path, family, k="1-2")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*launch, "-m", "hf_mergelaw", "sweep", str(config_path), "--no-progress", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written_per_rank = sorted(int(n) for n in re.findall(r'"written": (\d+)', result.stdout))
+    assert written_per_rank == [10, 10]  # each rank half of 2 methods x (4 + 6) subsets
+    output = load_sweep_config(config_path).output
+    records = list(ResultsFile(output))
+    assert len({(r["method"], tuple(r["subset"])) for r in records}) == len(records) == 20
+    assert not list(output.parent.glob("*.rank-*"))
