@@ -10,7 +10,7 @@ digits), O(numel) per expert, with ties at the threshold kept lowest index first
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,26 +72,14 @@ def dare_merge_torch(
     keys = [expert_key(seed, stream, i) for i in range(inputs.num_experts)]
     thresholds = [keep_threshold(d) for d in inputs.densities]
     l1_sums = _dare_l1_sums(inputs, keys, thresholds) if rescale == "l1" else None
-    factors = torch.tensor(
-        dare_factors(inputs.weights, inputs.densities, rescale, l1_sums), dtype=torch.float32
+
+    def keep(index: int, start: int, stop: int) -> torch.Tensor:
+        return philox_uniform32(keys[index], start, stop - start) < thresholds[index]
+
+    factors = dare_factors(inputs.weights, inputs.densities, rescale, l1_sums)
+    return weighted_merge_torch(
+        inputs, factors, consensus=consensus, normalize=normalize, lambda_=lambda_, keep=keep
     )
-
-    nonfinite = [0] * inputs.num_experts
-
-    def kept_deltas(start: int, stop: int) -> Iterator[torch.Tensor]:
-        for i in range(inputs.num_experts):
-            delta = _delta(inputs, i, start, stop)
-            if l1_sums is None:  # the L1 pass has checked finiteness already
-                nonfinite[i] += _count_nonfinite(delta)
-            keep = philox_uniform32(keys[i], start, stop - start) < thresholds[i]
-            yield torch.where(keep, delta.float() * factors[i], 0.0)
-
-    if consensus:
-        out = _consensus_merge(inputs, kept_deltas, normalize=normalize, lambda_=lambda_)
-    else:
-        out = _linear_merge(inputs, kept_deltas, normalize=normalize, lambda_=lambda_)
-    raise_for_nonfinite(inputs.base, nonfinite)
-    return out
 
 
 def task_arithmetic_torch(inputs: MergeInputs, *, normalize: bool, lambda_: float) -> torch.Tensor:
@@ -101,10 +89,16 @@ def task_arithmetic_torch(inputs: MergeInputs, *, normalize: bool, lambda_: floa
 
 
 def weighted_merge_torch(
-    inputs: MergeInputs, factors: list[float], *, consensus: bool, normalize: bool, lambda_: float
+    inputs: MergeInputs,
+    factors: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    keep: Callable[[int, int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merge every delta as it is, scaled by `factors`: task arithmetic, or the last step of a
-    TIES/DARE merge whose experts are prepared task vectors."""
+    """Merge the deltas scaled by `factors`, entries dropped where `keep(expert, start, stop)`
+    is false: task arithmetic, DARE, or the last step of a merge of prepared task vectors."""
     factor_table = torch.tensor(factors, dtype=torch.float32)
     nonfinite = [0] * inputs.num_experts
 
@@ -112,7 +106,8 @@ def weighted_merge_torch(
         for i in range(inputs.num_experts):
             delta = _delta(inputs, i, start, stop)
             nonfinite[i] += _count_nonfinite(delta)
-            yield delta.float() * factor_table[i]
+            weighted = delta.float() * factor_table[i]
+            yield weighted if keep is None else torch.where(keep(i, start, stop), weighted, 0.0)
 
     if consensus:
         out = _consensus_merge(inputs, weighted_deltas, normalize=normalize, lambda_=lambda_)
