@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
@@ -26,6 +25,7 @@ from mergekit.sparsify import SparsificationMethod
 from pydantic import PlainValidator
 
 import triton_ops
+from triton_ops import tensor_stream
 
 # Fused method name -> the mergekit built-in whose parameters, scopes and defaults it copies.
 FUSED_FROM: dict[str, str] = {
@@ -55,19 +55,6 @@ _SUPPORTED = {
     (ConsensusMethod.sum, SparsificationMethod.random),
     (None, SparsificationMethod.random),
 }
-
-
-def tensor_stream(name: str | None) -> int:
-    """The DARE Philox stream of a tensor: a stable 63-bit hash of its name.
-
-    Python's `hash` is salted per process, so it would break run-to-run reproducibility.
-    The value is part of the output: changing this function changes every fused DARE merge.
-
-    >>> tensor_stream("lm_head.weight")
-    4091802604510340515
-    """
-    digest = hashlib.blake2b((name or "").encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +106,7 @@ class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
                     rescale="l1" if parameters["rescale"] else None,
                     lambda_=parameters["lambda"],
                     seed=parameters["seed"],
-                    stream=tensor_stream(name),
+                    stream=tensor_stream(name or ""),
                 )
             return triton_ops.ties_merge(
                 base,
