@@ -71,10 +71,19 @@ def dare_merge_torch(
 ) -> torch.Tensor:
     keys = [expert_key(seed, stream, i) for i in range(inputs.num_experts)]
     thresholds = [keep_threshold(d) for d in inputs.densities]
-    l1_sums = _dare_l1_sums(inputs, keys, thresholds) if rescale == "l1" else None
 
-    def keep(index: int, start: int, stop: int) -> torch.Tensor:
+    def draw(index: int, start: int, stop: int) -> torch.Tensor:
         return philox_uniform32(keys[index], start, stop - start) < thresholds[index]
+
+    l1_sums = None
+    keep = draw
+    if rescale == "l1":
+        # The L1 pass draws every mask once; the merge pass reuses them, packed to one bit each,
+        # instead of paying for the draws again.
+        l1_sums, packed = _dare_l1_sums(inputs, draw)
+
+        def keep(index: int, start: int, stop: int) -> torch.Tensor:
+            return _unpack_bits(packed[index][start // CHUNK], stop - start)
 
     factors = dare_factors(inputs.weights, inputs.densities, rescale, l1_sums)
     return weighted_merge_torch(
@@ -262,23 +271,40 @@ def _finish(
 
 
 def _dare_l1_sums(
-    inputs: MergeInputs, keys: list[int], thresholds: list[int]
-) -> list[tuple[float, float]]:
-    """Per expert: (sum |delta|, sum |kept delta|), the L1 norms mergekit's rescale matches."""
-    sums = []
+    inputs: MergeInputs, draw: Callable[[int, int, int], torch.Tensor]
+) -> tuple[list[tuple[float, float]], list[list[torch.Tensor]]]:
+    """Per expert: (sum |delta|, sum |kept delta|), the L1 norms mergekit's rescale matches,
+    and the keep masks drawn on the way, packed per chunk."""
+    sums, packed = [], []
     for i in range(inputs.num_experts):
         before = after = 0.0
         nonfinite = 0
+        masks = []
         for start, stop in _chunks(inputs.numel):
             delta = _delta(inputs, i, start, stop)
             nonfinite += _count_nonfinite(delta)
             magnitude = delta.abs().float()
-            keep = philox_uniform32(keys[i], start, stop - start) < thresholds[i]
+            keep = draw(i, start, stop)
+            masks.append(_pack_bits(keep))
             before += float(magnitude.sum(dtype=torch.float64))
             after += float(torch.where(keep, magnitude, 0.0).sum(dtype=torch.float64))
         _raise_expert_nonfinite(inputs, i, nonfinite)
         sums.append((before, after))
-    return sums
+        packed.append(masks)
+    return sums, packed
+
+
+_BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    padded = torch.nn.functional.pad(mask, (0, -mask.numel() % 8)).view(-1, 8)
+    return (padded.to(torch.uint8) * _BIT_VALUES).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    bits = packed.unsqueeze(1).bitwise_and(_BIT_VALUES)
+    return bits.view(-1)[:count] != 0
 
 
 def _count_nonfinite(delta: torch.Tensor) -> int:
