@@ -28,6 +28,7 @@ def _run(cwd: Path, *command: str) -> str:
         "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd / "examples")]),
         "TRITON_INTERPRET": "1",
         "HF_EVALUATE_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(cwd / "hf_home"),
     }
     executable = [sys.executable, *command] if command[0].endswith(".py") else list(command)
@@ -62,3 +63,8 @@ def test_trainer_callback(workdir: Path) -> None:
 
 def test_lora_experts(workdir: Path) -> None:
     assert "the adapter changes 4 tensors" in _run(workdir, "examples/lora_experts.py")
+
+
+def test_mergekit_yaml_with_ties_fused(workdir: Path) -> None:
+    _run(workdir, "mergekit-yaml", "examples/mergekit_ties_fused.yml", str(workdir / "merged"))
+    assert (workdir / "merged" / "model.safetensors").exists()
