@@ -32,9 +32,10 @@ class CommandError(Exception):
 
 def _registrars() -> list[Registrar]:
     from hf_mergelaw import sweep_commands
+    from hf_mergelaw.demo import cli as demo_commands
     from hf_mergelaw.law import commands as law_commands
 
-    return [law_commands.register, sweep_commands.register]
+    return [law_commands.register, sweep_commands.register, demo_commands.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,275 @@
+"""The demo's text: a markdown report (``report.md``) and the summary printed to the console.
+
+Both are rendered from a :class:`ReportInputs`, so what the console says and what the file says
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hf_mergelaw.law import FitReport, FitResult, Plan
+
+from .corpus import DOMAINS
+from .science import CROSS_DOMAIN, R2_THRESHOLD, ScienceCheck
+from .settings import QUICK, TARGET_ABOVE_FLOOR, DemoSettings
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    settings: DemoSettings
+    manifest: Mapping[str, Any]  # the pool's pool.json
+    pool_built: bool
+    pool_dir: str
+    base_ce: Mapping[str, float]  # domain -> CE of the base, "macro" included
+    own_domain_ce: Mapping[str, float]  # domain -> CE of that domain's expert alone
+    fits: FitReport
+    plans: Mapping[str, Plan]  # method -> cross-domain plan
+    default_target: bool  # the plans' target is the default, 1% above each floor
+    check: ScienceCheck
+    n_records: int
+    figures: Mapping[str, str]  # name -> file name
+    timings: Mapping[str, float]
+    threads: int
+    load_average: float
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def _experts(value: int | None) -> str:
+    if value is None:
+        return "no number of experts (the target is at or below the floor)"
+    return f"{value} expert{'' if value == 1 else 's'}"
+
+
+def _ce(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def fit_rows(fits: Sequence[FitResult]) -> list[tuple[str, str, float, float, float, float, float]]:
+    """(method, curve, L_inf, A, b, R², RMSE), cross-domain first."""
+    ordered = sorted(fits, key=lambda f: (f.group["domain"] != CROSS_DOMAIN, f.group["method"]))
+    return [
+        (
+            f.group["method"],
+            "cross-domain" if f.group["domain"] == CROSS_DOMAIN else f.group["domain"],
+            f.params["L_inf"],
+            f.params["A"],
+            f.params["b"],
+            f.r2,
+            f.rmse,
+        )
+        for f in ordered
+    ]
+
+
+def plan_line(method: str, p: Plan) -> str:
+    return (
+        f"{method}: floor L_inf {p.L_inf:.4f}; target {p.target_loss:.4f} takes "
+        f"{_experts(p.k_for_target)}; stop at k={p.k_stop} (the next expert gains < "
+        f"{p.min_gain:g} nats); k90={p.k90} of the k=1->{p.k_max} gain"
+    )
+
+
+def verdict_lines(check: ScienceCheck, settings: DemoSettings) -> list[str]:
+    """The verdict, and for each method whose findings do not all show, why (from the data)."""
+    if check.passed:
+        lines = [f"All findings show for every method (R² ≥ {R2_THRESHOLD})."]
+    else:
+        lines = ["Not every finding shows:"]
+    for method in check.methods:
+        notes = method.diagnosis()
+        if notes:
+            lines.append(f"- {method.method}: " + "; ".join(notes) + ".")
+    if settings.name == QUICK.name:
+        lines.append(
+            "- At the quick size (CI) the pool is too small and too briefly trained to measure "
+            "the law; run the full demo."
+        )
+    noisy = [m for m in check.methods if min(m.in_domain_r2.values()) < R2_THRESHOLD]
+    if noisy and settings.sweep.strategy != "all":
+        first = noisy[0].by_k[0]
+        lines.append(
+            "- In-domain fits are noisier than cross-domain ones (lowest in-domain R² "
+            + ", ".join(f"{m.method} {min(m.in_domain_r2.values()):.2f}" for m in noisy)
+            + f"): one domain's CE varies more across subsets than the macro mean does (sd "
+            f"{first.in_domain_sd:.4f} vs {first.sd:.4f} at k=1 for {noisy[0].method}), so its "
+            "sampled per-k means carry more noise; `--subsets all` removes it."
+        )
+    return lines
+
+
+def console_summary(inputs: ReportInputs) -> str:
+    """What the demo prints when done: the fit table, the plan and the science verdict."""
+    lines = ["", "Fits of L(k) = L_inf + A/(k+b) (per-size law, weights k):"]
+    lines.append(f"  {'method':<12}{'curve':<17}{'L_inf':>8}{'A':>8}{'b':>7}{'R^2':>8}")
+    for method, curve, floor, a, b, r2, _ in fit_rows(inputs.fits.fits):
+        lines.append(f"  {method:<12}{curve:<17}{floor:>8.4f}{a:>8.4f}{b:>7.3f}{r2:>8.4f}")
+    lines += ["", "Plan (cross-domain):"]
+    lines += [f"  {plan_line(method, p)}" for method, p in inputs.plans.items()]
+    lines += ["", "Science check (cross-domain):"]
+    for m in inputs.check.methods:
+        first, last = m.spread_points[0], m.spread_points[-1]
+        lines.append(
+            f"  {m.method}: mean CE falls at every k: {'yes' if m.falls else 'NO'}; "
+            f"R^2 {m.r2:.4f} ({'>=' if m.r2 >= R2_THRESHOLD else '<'} {R2_THRESHOLD}); "
+            f"sd across subsets {first.sd:.4f} at k=1 -> {last.sd:.4f} at k={last.k} "
+            f"({'shrinks' if m.spread_shrinks else 'does NOT shrink'})"
+        )
+    lines += ["  " + line for line in verdict_lines(inputs.check, inputs.settings)]
+    return "\n".join(lines)
+
+
+def render_report(inputs: ReportInputs) -> str:
+    """``report.md``: what was built, the fits, the plan, the science check, figures, timings."""
+    manifest = inputs.manifest
+    domains = manifest["domains"]
+    m = len(domains)
+    n_params = manifest["num_parameters"]
+    parts = {d.name: d.parts for d in DOMAINS}
+    sweep = inputs.settings.sweep
+    subsets = (
+        "every subset"
+        if sweep.strategy == "all"
+        else f"up to {sweep.per_k} uniformly drawn subsets per k (all of them where a k has fewer)"
+    )
+    out = [
+        "# hf-mergelaw demo: the merging scaling law on a CPU-sized pool",
+        "",
+        f"{m} experts, one per part of the Python standard library, fine-tuned from one small "
+        f"Llama base ({n_params / 1e6:.2f}M parameters, byte-level BPE vocabulary of "
+        f"{manifest['vocab_size']}), merged with `average` and `ties_fused` (TIES, density "
+        f"{sweep.ties_density:g}, lambda 1) for every k = 1..{m}: {subsets}, "
+        f"{inputs.n_records} merged models in all. Every merge is scored on held-out files of "
+        "every domain: in-domain CE per domain, cross-domain CE = the macro mean over domains "
+        f"(nats/token). Settings: {inputs.settings.describe()}.",
+        "",
+        "## Science check",
+        "",
+        "The paper's qualitative findings, measured on the cross-domain curve:",
+        "",
+        "| method | mean CE falls at every k | fall k=1→M (nats) | s.e. of the per-k means | "
+        "R² of L_inf + A/(k+b) | b | in-domain R² (min / median) | sd across subsets: "
+        "k=1 → largest k with a spread | spread shrinks |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in inputs.check.methods:
+        r2s = sorted(c.in_domain_r2.values())
+        first, last = c.spread_points[0], c.spread_points[-1]
+        out.append(
+            f"| {c.method} | {_yes(c.falls)} | {c.drop:.4f} | {c.noise:.4f} | {c.r2:.4f} | "
+            f"{c.b:.2f} | {r2s[0]:.3f} / {r2s[len(r2s) // 2]:.3f} | {first.sd:.4f} → "
+            f"{last.sd:.4f} (k={last.k}) | {_yes(c.spread_shrinks)} |"
+        )
+    out += ["", *verdict_lines(inputs.check, inputs.settings)]
+    out += [
+        "",
+        "Cross-domain mean CE and sd across subsets by k:",
+        "",
+        "| k | "
+        + " | ".join(f"{c.method} mean | {c.method} sd" for c in inputs.check.methods)
+        + " | subsets merged (of C(M,k)) |",
+        "|---|" + "---|---|" * len(inputs.check.methods) + "---|",
+    ]
+    for i, summary in enumerate(inputs.check.methods[0].by_k):
+        cells = []
+        for c in inputs.check.methods:
+            s = c.by_k[i]
+            cells.append(f"{s.mean:.4f} | " + ("-" if s.n_subsets < 2 else f"{s.sd:.4f}"))
+        out.append(
+            f"| {summary.k} | "
+            + " | ".join(cells)
+            + f" | {summary.n_subsets} of {summary.n_possible} |"
+        )
+    out += [
+        "",
+        f"The base alone scores {inputs.base_ce[CROSS_DOMAIN]:.4f} cross-domain.",
+        "",
+        f"![cross-domain law]({inputs.figures['cross_domain']})",
+        "",
+        f"![spread across subsets]({inputs.figures['spread']})",
+        "",
+        "In-domain curves: "
+        + ", ".join(
+            f"[{name.split('/')[1]}]({file})"
+            for name, file in inputs.figures.items()
+            if name.startswith("in_domain/")
+        )
+        + ".",
+        "",
+        "## Fits: L(k) = L_inf + A/(k+b)",
+        "",
+        "Per-size law, weighted least squares with weights k (the paper's practice), "
+        "intervals in `fit.json`.",
+        "",
+        "| method | curve | L_inf | A | b | R² | RMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, curve, floor, a, b, r2, rmse in fit_rows(inputs.fits.fits):
+        out.append(
+            f"| {method} | {curve} | {floor:.4f} | {a:.4f} | {b:.3f} | {r2:.4f} | {rmse:.2g} |"
+        )
+    out += ["", "## Plan (cross-domain)", ""]
+    for method, p in inputs.plans.items():
+        tp = p.three_point
+        forecast = (
+            ""
+            if tp is None or tp.observed is None
+            else f"; the three-point recipe (k = 1, 2, 4) forecasts {tp.forecast:.4f} at "
+            f"k={tp.k}, observed {tp.observed:.4f} ({tp.rel_error:.2%} off)"
+        )
+        target = f" ({TARGET_ABOVE_FLOOR:.0%} above the floor)" if inputs.default_target else ""
+        out.append(
+            f"- **{method}**: floor L_inf = {p.L_inf:.4f}. A target loss of "
+            f"{p.target_loss:.4f}{target} takes {_experts(p.k_for_target)}. Stop rule: "
+            f"stop at k = {p.k_stop}, where the next expert gains less than {p.min_gain:g} "
+            f"nats. k90 = {p.k90} (90% of the k=1→{p.k_max} gain){forecast}."
+        )
+    out += [
+        "",
+        "## The pool",
+        "",
+        "| domain | stdlib parts | files (held out) | training tokens | base CE | "
+        "its expert alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, info in domains.items():
+        out.append(
+            f"| {name} | {', '.join(parts.get(name, ()))} | {info['files']} "
+            f"({len(info['held_out_files'])}) | {info['train_tokens']:,} | "
+            f"{inputs.base_ce[name]:.4f} | {_ce(inputs.own_domain_ce.get(name))} |"
+        )
+    settings = manifest["settings"]
+    out += [
+        "",
+        f"Base: {settings['num_layers']} layers, hidden {settings['hidden_size']}, "
+        f"{settings['base_steps']} steps of {settings['batch_size']}×{settings['seq_len']} "
+        f"tokens on the mixture (lr {settings['base_lr']:g}); each expert: "
+        f"{settings['expert_steps']} steps on its domain (lr {settings['expert_lr']:g}). "
+        + (
+            f"Built in this run ({manifest['build_seconds']:.0f} s)."
+            if inputs.pool_built
+            else f"Loaded from the cache (built once in {manifest['build_seconds']:.0f} s)."
+        )
+        + f" Cache: `{inputs.pool_dir}`.",
+        "",
+        "## Files and timings",
+        "",
+        "`records.jsonl` (one line per merged model; a re-run resumes it), `fit.json` "
+        "(`hf-mergelaw plan fit.json ...` reads it), `plan.json`, `science.json`, the figures.",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ]
+    out += [f"| {step} | {seconds:.1f} |" for step, seconds in inputs.timings.items()]
+    out += [
+        "",
+        f"torch threads: {inputs.threads}; 1-minute load average at start: "
+        f"{inputs.load_average:.2f}.",
+        "",
+    ]
+    return "\n".join(out)
