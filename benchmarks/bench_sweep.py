@@ -42,11 +42,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_mergelaw.cross_entropy import EvalSet, cross_entropy
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.methods import MethodSpec
-from hf_mergelaw.subsets import sample_subsets
-from hf_mergelaw.sweep import sweep_pool
+from hf_mergelaw.sweep import plan_jobs, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig
 
 DENSITY = 0.5
+METHOD = MethodSpec.from_config({"name": "ties", "density": DENSITY})
 PRESETS = {
     "cpu": dict(
         hidden=256, intermediate=688, layers=4, heads=4, vocab=8000, experts=6,
@@ -103,14 +103,19 @@ def random_eval_set(preset: dict) -> EvalSet:
     return EvalSet(input_ids=tuple(sequences), labels=tuple(sequences), domains=None)
 
 
+def sweep_plan(names: list[str], subsets: int) -> tuple[list[int], SamplingConfig]:
+    """The sweep's ks and sampling: subsets spread over k = 2, M/2+1 and M."""
+    ks = sorted({2, len(names) // 2 + 1, len(names)})
+    per_k = max(1, subsets // len(ks))
+    return ks, SamplingConfig(strategy="uniform", per_k=per_k)
+
+
 def time_sweep(pool: ExpertPool, eval_set: EvalSet, subsets: int, out: Path) -> Measurement:
-    method = MethodSpec.from_config({"name": "ties", "density": DENSITY})
-    per_k = max(1, subsets // 3)
+    ks, sampling = sweep_plan(pool.names, subsets)
     start = time.perf_counter()
     summary = sweep_pool(
-        pool, eval_set, methods=[method], ks=[2, 4, 6] if len(pool.names) >= 6 else [2],
-        sampling=SamplingConfig(strategy="uniform", per_k=per_k), output=out, progress=False,
-    )  # fmt: skip
+        pool, eval_set, methods=[METHOD], ks=ks, sampling=sampling, output=out, progress=False
+    )
     return Measurement("sweep", summary.written, time.perf_counter() - start)
 
 
@@ -185,10 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
         eval_set = random_eval_set(preset)
         pool = ExpertPool(base, experts, device=args.device, dtype=torch.bfloat16)
         names = pool.names
-        slow = [
-            [names[i] for i in s]
-            for s in sample_subsets(len(names), 2, per_k=preset["slow_subsets"])
-        ]
+        # The slower pipelines merge an evenly spaced selection of the sweep's own subsets.
+        ks, sampling = sweep_plan(names, preset["subsets"])
+        jobs = plan_jobs([METHOD], ks, names, sampling)
+        stride = max(1, len(jobs) // preset["slow_subsets"])
+        slow = [list(job.subset) for job in jobs[::stride]]
         device = args.device
         results = [
             _timed(
