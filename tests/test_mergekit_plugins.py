@@ -62,7 +62,8 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> WheelEnv:
     (wheel,) = (root / "dist").glob("hf_mergelaw-*.whl")
     _run([sys.executable, "-m", "venv", "--system-site-packages", root / "venv"], root)
     python = root / "venv" / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--no-deps", "-q", wheel], root)
+    # --ignore-installed: CI has installed the project system-wide, which the venv also sees.
+    _run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", wheel], root)
     site = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root)
     return WheelEnv(python=python, site_packages=Path(site.stdout.strip()))
 
@@ -221,7 +222,8 @@ def test_editable_install_gets_the_hook(tmp_path: Path) -> None:
     """hatchling ships force-included files in editable wheels too."""
     _run([sys.executable, "-m", "venv", "--system-site-packages", tmp_path / "venv"], tmp_path)
     python = tmp_path / "venv" / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--no-deps", "-q", "-e", REPO], tmp_path)
+    install = [python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q"]
+    _run([*install, "-e", REPO], tmp_path)
     # get() before any explicit import: only the hook can have registered the method.
     probe = "import mergekit.merge_methods as mm; mm.get('ties_fused'); import mergekit_plugins;"
     probe += "print(mergekit_plugins.__file__)"
