@@ -64,13 +64,7 @@ class Checkpoint:
 
     def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickled:
-            try:
-                self._pickled[file] = _load_pickle(file)
-            except Exception as error:
-                raise ValueError(
-                    f"{self.label}: {file} cannot be loaded with weights_only=True ({error}). "
-                    "Re-save the checkpoint with save_pretrained (safetensors) and retry."
-                ) from error
+            self._pickled[file] = _load_pickle(file, self.label)
         return self._pickled[file]
 
 
@@ -88,13 +82,19 @@ def _weight_files(path: Path, label: str) -> dict[Path, list[str]]:
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 return {file: list(handle.keys())}
-        return {file: list(_load_pickle(file))}
+        return {file: list(_load_pickle(file, label))}
     looked_for = ", ".join(SAFETENSORS_FILES + PICKLE_FILES)
     raise FileNotFoundError(f"{label}: {path} has no model weights (looked for {looked_for}).")
 
 
-def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+def _load_pickle(file: Path, label: str) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(
+            f"{label}: {file} cannot be loaded with weights_only=True ({error}). Re-save the "
+            "checkpoint with save_pretrained (safetensors) and retry."
+        ) from error
 
 
 def _read_json(file: Path, label: str) -> dict:

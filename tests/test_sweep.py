@@ -277,3 +277,32 @@ def test_two_torchrun_processes_share_one_sweep(tmp_path, family) -> None:
     records = list(ResultsFile(output))
     assert len({(r["method"], tuple(r["subset"])) for r in records}) == len(records) == 20
     assert not list(output.parent.glob("*.rank-*"))
+
+
+def test_pickled_bin_checkpoint_loads_weights_only_and_merges_like_safetensors(
+    tmp_path, family
+) -> None:
+    base, experts = family
+    source = AutoModelForCausalLM.from_pretrained(experts["expert1"])
+    pickled = tmp_path / "expert1-bin"
+    pickled.mkdir()
+    source.config.save_pretrained(pickled)
+    torch.save(source.state_dict(), pickled / "pytorch_model.bin")
+    method = MethodSpec.from_config({"name": "ties", "density": 0.5})
+    merged = []
+    for expert in (experts["expert1"], pickled):
+        pool = ExpertPool(base, {"e0": experts["expert0"], "e1": expert}, dtype=torch.float32)
+        pool.merge(method, ["e0", "e1"])
+        merged.append({n: p.detach().clone() for n, p in pool.model.named_parameters()})
+    for name, tensor in merged[0].items():
+        assert torch.equal(tensor, merged[1][name]), name
+
+
+def test_pickled_checkpoint_that_needs_unpickling_code_is_refused(tmp_path, family) -> None:
+    base, _ = family
+    pickled = tmp_path / "unsafe"
+    pickled.mkdir()
+    tiny_llama_config().save_pretrained(pickled)
+    torch.save({"weights": Path("not a tensor")}, pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        ExpertPool(base, {"unsafe": pickled})
