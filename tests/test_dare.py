@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tests.merge_problems import draw_problem
 from triton_ops import dare_merge, reference, task_arithmetic, tensor_stream
 from triton_ops.kernel_utils import random_keep
 from triton_ops.philox import expert_key, keep_threshold, philox_uniform32
@@ -54,15 +55,6 @@ def keep_masks(
     bits = merged.reshape(-1).to(torch.int64)
     assert torch.equal(bits.float(), merged.reshape(-1)), "sums of powers of two are integers"
     return [(bits >> i) & 1 == 1 for i in range(len(densities))]
-
-
-def draw_problem(
-    shape: tuple[int, ...], k: int, dtype: torch.dtype, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=generator)
-    experts = [base + 0.05 * torch.randn(shape, generator=generator) for _ in range(k)]
-    return base.to(dtype), [e.to(dtype) for e in experts]
 
 
 def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from tests.merge_problems import draw_problem
 from triton_ops import dare_merge, task_arithmetic, ties_merge
 from triton_ops.philox import expert_key, keep_threshold, philox_uniform32
 
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 POWER_OF_TWO_WEIGHTS = (1.0, 0.5, -0.25, 2.0, 0.0, -1.0, 0.125, 0.5)
-
-
-def draw_problem(
-    shape: tuple[int, ...], k: int, dtype: torch.dtype, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """CPU tensors: base ~ N(0, 1), experts = base + N(0, 0.05**2), rounded to `dtype`."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=generator)
-    experts = [base + 0.05 * torch.randn(shape, generator=generator) for _ in range(k)]
-    return base.to(dtype), [e.to(dtype) for e in experts]
 
 
 def on_device(base: torch.Tensor, experts: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
