@@ -81,8 +81,9 @@ class ExpertPool:
         experts = _named(experts)
         self.storage = storage if storage != "auto" else self._auto_storage(len(experts))
         self.experts: dict[str, Expert] = {}
-        # (method label, expert, tensor) -> prepared task vector and its scale; one method's worth.
-        self._prepared: dict[tuple[str, str, str], tuple[torch.Tensor, float]] = {}
+        # (expert, tensor) -> prepared task vector and its scale, for one method at a time.
+        self._prepared: dict[tuple[str, str], tuple[torch.Tensor, float]] = {}
+        self._prepared_for: str | None = None
         for name, path in experts.items():
             self.add_expert(name, path)
 
@@ -113,8 +114,9 @@ class ExpertPool:
         unknown = [name for name in subset if name not in self.experts]
         if unknown:
             raise KeyError(f"no expert named {unknown[0]!r} in the pool ({', '.join(self.names)}).")
-        if any(key[0] != method.label for key in self._prepared):
+        if method.label != self._prepared_for:
             self._prepared.clear()
+            self._prepared_for = method.label
         experts = [self.experts[name] for name in subset]
         for name, parameter in self.parameters.items():
             base = self.base_tensors[name]
@@ -135,7 +137,7 @@ class ExpertPool:
     ) -> tuple[torch.Tensor, float]:
         if not method.prepares_experts:
             return self._task_vector(expert, name), 1.0
-        key = (method.label, expert.name, name)
+        key = (expert.name, name)
         if key not in self._prepared:
             vector, scale = method.prepare(
                 self._task_vector(expert, name).to(self.device),
@@ -206,7 +208,8 @@ class ExpertPool:
         return delta.to(self._held_device)
 
     def _check_base_checkpoint(self) -> None:
-        missing = [n for n in self.parameters if n not in set(self.base_checkpoint.names)]
+        names = set(self.base_checkpoint.names)
+        missing = [n for n in self.parameters if n not in names]
         if missing:
             raise ValueError(
                 f"base model: {self.base_path} has no tensor {missing[0]!r} that the model "
