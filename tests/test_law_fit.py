@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from hf_mergelaw.law import JOINT, fit_law, fit_sweep, load_records
+from hf_mergelaw.law import JOINT, Law, fit_law, fit_sweep, load_records
 from hf_mergelaw.law.synthetic import joint_mean, joint_variance, synthetic_sweep
 from tests.law_data import joint_params, paper_sweep, variance_params
 
@@ -87,26 +87,50 @@ def test_held_out_size_as_accurate_as_brute_force(key: tuple[str, str]) -> None:
 def test_interval_coverage_at_held_out_size() -> None:
     """Independent subset scatter (the bootstrap's assumption): over repeated sweeps the 90%
     mean-curve interval at 72B covers the true curve, and the single-merge interval covers new
-    merges, near their stated rate. (Over 40 sweeps with 200 resamples the rates are about 0.82
-    and 0.90: the few-subset cells make the bootstrap spread ~10% narrow, a t-versus-normal
-    effect.)"""
+    merges, near their stated rate. These 30 sweeps give 0.86 and 0.89; over 200 sweeps with 200
+    resamples the mean-curve rate is 0.89 for average/algebra, whose gamma and b sit near their
+    zero floors (benchmarks/results/law_accuracy_cpu_2026-11-22.md)."""
     key = ("average", "algebra")
     truth, var_truth = joint_params()[key], variance_params()[key]
-    probe = np.array([1, 5, 9])
+    probe = np.array([1, 3, 5, 9])
     true_mean = joint_mean(truth, 72.0, probe)
     true_sd = np.sqrt(joint_variance(var_truth, 72.0, probe))
     rng = np.random.default_rng(0)
     ci_hits, pi_hits = [], []
-    for rep in range(14):
+    for rep in range(30):
         records = paper_sweep(*key, sizes=TRAIN_SIZES, scatter="independent", seed=100 + rep)
-        fit = fit_law(records, "joint", bootstrap=50, seed=rep)
+        fit = fit_law(records, "joint", bootstrap=100, seed=rep)
         pred = fit.predict(72.0, probe)
         ci_hits += list((pred.lo <= true_mean) & (true_mean <= pred.hi))
         new = true_mean + true_sd * rng.standard_normal((50, probe.size))
         pi_hits += list(((pred.pi_lo <= new) & (new <= pred.pi_hi)).ravel())
         assert pred.pi_source == "variance-law"
-    assert 0.7 <= np.mean(ci_hits) <= 1.0
+    assert 0.8 <= np.mean(ci_hits) <= 0.98
     assert 0.8 <= np.mean(pi_hits) <= 0.97
+
+
+def test_interval_refits_cross_the_prior_floors() -> None:
+    """gamma and b often land on their zero floors; the bootstrap refits may go below them so
+    the extrapolated interval is not pinned to the bound, while the point fit and the reported
+    parameter intervals stay inside the paper's bounds."""
+    records = paper_sweep("average", "algebra", sizes=TRAIN_SIZES, scatter="independent", seed=105)
+    fit = fit_law(records, "joint", bootstrap=60, seed=0, variance=False)
+    assert fit.params["gamma"] < 1e-12 and fit.params["b"] < 1e-12
+    gamma = fit.bootstrap.params[:, JOINT.param_names.index("gamma")]
+    assert (gamma < 0).any() and (gamma > 0).any()
+    assert fit.ci["gamma"][0] == 0 and fit.ci["b"][0] == 0
+    # The same law as a formula keeps its declared bounds in the refits: a narrower interval.
+    bounds = {name: (0, None) for name in ("B", "beta", "A0", "gamma", "b")}
+    pinned = fit_law(
+        records,
+        Law.from_formula(JOINT.expression, {"L_star": None, **bounds}),
+        bootstrap=60,
+        seed=0,
+        variance=False,
+    )
+    assert pinned.theta == pytest.approx(fit.theta, abs=1e-4)
+    width = fit.predict(72.0, 1).hi - fit.predict(72.0, 1).lo
+    assert width > 1.3 * (pinned.predict(72.0, 1).hi - pinned.predict(72.0, 1).lo)
 
 
 def test_bootstrap_is_seeded_and_resamples_subsets() -> None:

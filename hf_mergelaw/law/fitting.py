@@ -18,8 +18,11 @@ small linear solve; the best few grid points are refined. Formula and callable l
 over their bounds instead.
 
 Bootstrap: each replicate resamples the subsets of every (N, k) cell with replacement,
-recomputes the cell statistics and refits from the point estimate. Percentiles of the replicate
-parameters give the intervals; the replicates are kept so predictions get curve intervals.
+recomputes the cell statistics and refits from the point estimate, with the zero floors of
+``gamma`` and ``b`` relaxed (:meth:`Law.for_intervals`: fits often sit on them, and a bootstrap
+that cannot cross a bound makes extrapolated intervals too narrow). Percentiles of the replicate
+parameters, clipped to the bounds, give the intervals; the replicates are kept so predictions
+get curve intervals.
 """
 
 from __future__ import annotations
@@ -465,9 +468,10 @@ def _bootstrap(
         m, p = len(fitted), len(theta)
         e = (problem.y - fitted) * problem.sqrt_w * np.sqrt(m / max(m - p, 1))
         ys = fitted + rng.choice(e, size=(n_boot, m)) / problem.sqrt_w
+    refit = replace(problem, law=problem.law.for_intervals())
     replicates, failed = [], 0
     for y in ys:
-        result = problem.with_y(y).solve(theta)
+        result = refit.with_y(y).solve(theta)
         if result.status > 0 and np.all(np.isfinite(result.x)):
             replicates.append(result.x)
         else:
@@ -484,6 +488,7 @@ def _intervals(
     if boot is not None and boot.usable:
         se = boot.params.std(axis=0, ddof=1)
         lo, hi = np.quantile(boot.params, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        lo, hi = np.clip(lo, law.lower, law.upper), np.clip(hi, law.lower, law.upper)
     else:
         with np.errstate(invalid="ignore"):
             se = np.sqrt(np.diag(covariance))

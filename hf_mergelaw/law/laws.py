@@ -43,6 +43,12 @@ VARIABLES = ("N", "k")
 EXPONENT_MAX = 3.0
 OFFSET_MAX = 5.0
 
+# The zero floors of the tail exponent and the offset are priors, and fits often land on them
+# (law.md section 4). Refits for intervals may cross them by this much; b stays above -1, so
+# k + b > 0 at k = 1.
+PRIOR_FLOORS = ("gamma", "b", "gamma_v", "b_v")
+PRIOR_FLOOR_SLACK = 0.5
+
 Bound = tuple[float | None, float | None] | None
 Variables = Mapping[str, np.ndarray]
 
@@ -165,6 +171,27 @@ class Law:
             )
         params = tuple(
             Param.from_spec(p.name, bounds[p.name]) if p.name in bounds else p for p in self.params
+        )
+        return replace(self, params=params)
+
+    def for_intervals(self) -> Law:
+        """A copy whose prior floors (``gamma``, ``b`` and their variance twins, when at 0) are
+        lowered by :data:`PRIOR_FLOOR_SLACK`, for the bootstrap refits behind intervals.
+
+        Why: an estimate sitting on a bound cannot vary past it in a bootstrap, so the refits
+        understate how far the truth may lie on the other side of the estimate (the bootstrap
+        is inconsistent at a boundary); at an extrapolated size that makes curve intervals too
+        narrow and too low. The point fit keeps the bounds; formula and callable laws keep the
+        bounds their user declared.
+
+        >>> JOINT.for_intervals().params[-1].lower
+        -0.5
+        """
+        if self.kind != "builtin":
+            return self
+        params = tuple(
+            replace(p, lower=-PRIOR_FLOOR_SLACK) if p.name in PRIOR_FLOORS and p.lower == 0 else p
+            for p in self.params
         )
         return replace(self, params=params)
 
