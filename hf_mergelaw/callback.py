@@ -53,7 +53,7 @@ class MergeScalingCallback(TrainerCallback):
         expert_name: str | None = None,
         method: Mapping[str, Any] | None = None,
         per_k: int = 8,
-        strategy: str = "uniform",
+        strategy: str = "balanced",
         seed: int = 0,
         batch_size: int = 8,
         target_loss: float | None = None,

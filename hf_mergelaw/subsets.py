@@ -1,4 +1,4 @@
-"""Which subsets of k experts a sweep merges: all, uniform random, or the paper's permutations.
+"""Which subsets of k experts a sweep merges: all, uniform, balanced, or the paper's permutations.
 
 All strategies are seeded and return subsets as sorted tuples of expert indices, in a stable order,
 so a re-run of a sweep plans exactly the same jobs (resuming relies on it).
@@ -11,7 +11,7 @@ import math
 import random
 from collections.abc import Iterable
 
-STRATEGIES = ("all", "uniform", "permutations")
+STRATEGIES = ("all", "uniform", "balanced", "permutations")
 PAPER_NUM_PERMUTATIONS = 15
 PAPER_SHUFFLE_CANDIDATES = 1000
 
@@ -20,15 +20,16 @@ def sample_subsets(
     num_experts: int,
     k: int,
     *,
-    strategy: str = "uniform",
+    strategy: str = "balanced",
     per_k: int = 20,
     seed: int = 0,
 ) -> list[tuple[int, ...]]:
     """Subsets of size k of range(num_experts) to merge.
 
     `all`: every combination (per_k ignored). `uniform`: per_k distinct subsets drawn uniformly
-    (all of them when there are fewer). `permutations`: the length-k prefixes of per_k diverse
-    permutations (the paper's Algorithm 1), duplicates removed.
+    (all of them when there are fewer). `balanced`: per_k distinct subsets in which every expert
+    appears equally often (within one), see :func:`balance_subsets`. `permutations`: the length-k
+    prefixes of per_k diverse permutations (the paper's Algorithm 1), duplicates removed.
 
     >>> sample_subsets(4, 2, strategy="all")
     [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
@@ -42,6 +43,8 @@ def sample_subsets(
         return list(itertools.combinations(range(num_experts), k))
     if strategy == "uniform":
         return _uniform_subsets(num_experts, k, per_k, seed)
+    if strategy == "balanced":
+        return balance_subsets(_uniform_subsets(num_experts, k, per_k, seed), num_experts, seed)
     if strategy == "permutations":
         prefixes = (tuple(sorted(p[:k])) for p in diverse_permutations(num_experts, per_k, seed))
         return list(dict.fromkeys(prefixes))
@@ -73,6 +76,53 @@ def diverse_permutations(
                 best, best_distance = tuple(shuffle), distance
         chosen.append(best)
     return chosen
+
+
+def balance_subsets(
+    subsets: list[tuple[int, ...]], num_experts: int, seed: int = 0
+) -> list[tuple[int, ...]]:
+    """Swap single experts until each appears in the subsets equally often (counts within one).
+
+    Why: to first order a merge's loss moves with the mean of its members' task vectors
+    (law.md section 3), so the part of a cell's mean loss that comes from which experts were
+    drawn is the count-weighted mean of per-expert effects. Equal counts cancel it, leaving the
+    much smaller pairwise part: a balanced cell's mean sits on the law with far fewer subsets.
+    The procedure treats experts alike (random draw, random tie-breaks), so every subset is
+    equally likely to be merged and a cell's mean stays unbiased for the all-subsets mean.
+
+    Each step moves one subset from the most- to the least-used expert. Such a move to a subset
+    not already chosen always exists while their counts differ by two or more (the map
+    S -> S - {hi} + {lo} is injective and hi is in more subsets than lo), and every move lowers
+    the sum of squared counts, so the loop ends.
+
+    >>> balanced = balance_subsets([(0, 1), (0, 2)], 4)
+    >>> [sum(expert in subset for subset in balanced) for expert in range(4)]
+    [1, 1, 1, 1]
+    """
+    rng = random.Random(f"balance-{seed}")
+    chosen = sorted(set(subsets))
+    members = set(chosen)
+    counts = [0] * num_experts
+    for subset in chosen:
+        for expert in subset:
+            counts[expert] += 1
+    while max(counts) - min(counts) >= 2:
+        hi = max(range(num_experts), key=lambda e: (counts[e], rng.random()))
+        lo = min(range(num_experts), key=lambda e: (counts[e], rng.random()))
+        moves = [
+            (i, moved)
+            for i, subset in enumerate(chosen)
+            if hi in subset
+            and lo not in subset
+            and (moved := tuple(sorted({*subset} - {hi} | {lo}))) not in members
+        ]
+        i, moved = rng.choice(moves)
+        members.remove(chosen[i])
+        members.add(moved)
+        chosen[i] = moved
+        counts[hi] -= 1
+        counts[lo] += 1
+    return sorted(chosen)
 
 
 def _uniform_subsets(num_experts: int, k: int, per_k: int, seed: int) -> list[tuple[int, ...]]:

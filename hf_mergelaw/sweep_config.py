@@ -11,7 +11,7 @@ eval:                             # texts or prompt/response pairs; a JSON-lines
   batch_size: 8
 methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
 k: 1-9                            # or a list [1, 2, 4], or one number
-sampling: {strategy: all | uniform | permutations, per_k: 20, seed: 0}
+sampling: {strategy: balanced | uniform | all | permutations, per_k: 20, seed: 0}
 output: results.jsonl
 device: auto
 dtype: bfloat16
@@ -64,7 +64,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    strategy: str = "uniform"
+    strategy: str = "balanced"
     per_k: int = 20
     seed: int = 0
 

@@ -61,8 +61,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--subsets",
         type=_subsets,
         default=None,
-        help="subsets merged per k: a count drawn uniformly (default 8; 6 with --quick) or "
-        "'all' (every subset: exact per-k means, about 4x the sweep's time)",
+        help="subsets merged per k: a count, drawn with every expert in equally many (default 8; "
+        "6 with --quick), or 'all' (every subset: exact per-k means, about 4x the sweep's time)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

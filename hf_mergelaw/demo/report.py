@@ -135,7 +135,8 @@ def render_report(inputs: ReportInputs) -> str:
     subsets = (
         "every subset"
         if sweep.strategy == "all"
-        else f"up to {sweep.per_k} uniformly drawn subsets per k (all of them where a k has fewer)"
+        else f"up to {sweep.per_k} subsets per k, drawn so that every expert is in equally many "
+        "(all of them where a k has fewer)"
     )
     out = [
         "# hf-mergelaw demo: the merging scaling law on a CPU-sized pool",
@@ -152,7 +153,8 @@ def render_report(inputs: ReportInputs) -> str:
         "",
         "The paper's qualitative findings, measured on the cross-domain curve:",
         "",
-        "| method | mean CE falls at every k | fall k=1→M (nats) | s.e. of the per-k means | "
+        "| method | mean CE falls at every k | fall k=1→M (nats) | s.e. of the per-k means "
+        "(uniform-draw bound) | "
         "R² of L_inf + A/(k+b) | b | in-domain R² (min / median) | sd across subsets: "
         "k=1 → largest k with a spread | spread shrinks |",
         "|---|---|---|---|---|---|---|---|---|",

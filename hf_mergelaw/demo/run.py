@@ -88,8 +88,9 @@ def run_demo(
             one; a tiny model on busy cores runs several times slower with more threads).
         target_loss: the plan's target cross-domain CE (default: 1% above each fitted floor).
         min_gain: the stop rule's smallest worthwhile gain per added expert, nats.
-        subsets: subsets merged per k: a count drawn uniformly (default 8; 6 when quick) or
-            "all" (every subset: 255 per method at full size, about 4x the sweep's time).
+        subsets: subsets merged per k: a count, drawn with every expert in equally many
+            (default 8; 6 when quick), or "all" (every subset: 255 per method at full size,
+            about 4x the sweep's time).
     """
     start = time.perf_counter()
     settings = (QUICK if quick else FULL).with_subsets(subsets)

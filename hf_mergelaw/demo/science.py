@@ -41,7 +41,9 @@ class KSummary:
     def mean_se(self) -> float:
         """Standard error of ``mean`` as an estimate of the mean over all C(M, k) subsets:
         sd/sqrt(n) with the finite-population correction (subsets are drawn without
-        replacement); 0 when every subset was merged."""
+        replacement); 0 when every subset was merged. That is the error of a uniform draw; a
+        balanced draw (the default) cancels each expert's own effect and does better, so read
+        it as an upper bound."""
         n = self.n_subsets
         if n >= self.n_possible:
             return 0.0

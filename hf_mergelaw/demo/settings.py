@@ -45,8 +45,8 @@ class PoolSettings:
 class SweepSettings:
     """The k-sweep and its held-out evaluation.
 
-    ``strategy`` "uniform": ``per_k`` subsets drawn per k (seeded; all of them where a k has
-    fewer); "all": every subset (2^M - 1 merges per method).
+    ``strategy`` "balanced": ``per_k`` subsets drawn per k with every expert in equally many
+    (seeded; all of them where a k has fewer); "all": every subset (2^M - 1 merges per method).
     """
 
     ties_density: float
@@ -55,7 +55,7 @@ class SweepSettings:
     eval_chars: int
     eval_batch_size: int
     bootstrap: int
-    strategy: str = "uniform"
+    strategy: str = "balanced"
     seed: int = 0
 
 
@@ -84,7 +84,7 @@ class DemoSettings:
             raise ValueError(
                 f"subsets={subsets!r}: give a count of at least 2 (a spread needs two) or 'all'."
             )
-        return replace(self, sweep=replace(self.sweep, strategy="uniform", per_k=subsets))
+        return replace(self, sweep=replace(self.sweep, strategy="balanced", per_k=subsets))
 
 
 def digest(data: object) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..subsets import balance_subsets
 from .laws import JOINT, VARIANCE
 
 PAPER_SIZES = (0.5, 1.5, 3.0, 7.0, 14.0, 32.0, 72.0)
@@ -66,6 +67,7 @@ def synthetic_sweep(
     pool_size: int = 9,
     subsets: int | Literal["paper", "all"] = "paper",
     scatter: Literal["pool", "independent"] = "pool",
+    design: Literal["uniform", "balanced"] = "uniform",
     seed: int = 0,
     **fields: Any,
 ) -> list[dict[str, Any]]:
@@ -77,6 +79,8 @@ def synthetic_sweep(
         subsets: subsets per cell: ``"all"`` combinations, an int cap (uniform without
             replacement, at most C(M, k)), or ``"paper"`` (all up to 7B, 15 above).
         scatter: ``"pool"`` or ``"independent"`` (see the module docstring).
+        design: how capped cells pick their subsets: ``"uniform"`` draws, or ``"balanced"``
+            (every expert equally often, as the sweep's ``balanced`` strategy).
         fields: constant fields added to every record (``method="ties"``, ...).
     """
     rng = np.random.default_rng(seed)
@@ -86,6 +90,8 @@ def synthetic_sweep(
         effects = rng.standard_normal(pool_size)
         for k in ks:
             chosen = _choose_subsets(pool_size, k, _cap(subsets, size), rng)
+            if design == "balanced":
+                chosen = balance_subsets(chosen, pool_size, seed=int(rng.integers(2**31)))
             mean = float(joint_mean(mean_params, size, k))
             if variance_params is None:
                 ce = np.full(1, mean)
