@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy
+from results_io import save_results
 
 from hf_mergelaw.law import fit_sweep, load_records
 from hf_mergelaw.law.synthetic import joint_mean, load_param_table, synthetic_sweep
@@ -97,9 +98,6 @@ def main() -> None:
         "max_rel_error_72B": float(np.max(np.abs(pred.mean / truth - 1))),
         "ci_covers_truth_72B": int(np.sum((pred.lo <= truth) & (truth <= pred.hi))),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"fit_cpu_{args.date}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = [
         f"# bench_fit: {result['records']} records, {args.bootstrap} bootstrap resamples",
         "",
@@ -120,7 +118,7 @@ def main() -> None:
         f"{result['max_rel_error_72B']:.2%} of the true curve and the 90% interval covers it at "
         f"{result['ci_covers_truth_72B']} of 9 k values.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(table) + "\n")
+    save_results(args.out_dir, f"fit_cpu_{args.date}", result, "\n".join(table) + "\n")
     print("\n".join(table))
 
 

@@ -1,0 +1,172 @@
+"""Accuracy of the scaling-law engine on synthetic sweeps from the paper's fits (issue 4 targets).
+
+1. Interval coverage at a held-out size: fit the joint law on 0.5-32B, predict 72B, and count how
+   often the 90% mean-curve interval covers the true curve over many independent sweeps
+   (independent subset scatter, the paper's design: all subsets up to 7B, 15 above).
+2. Three-point recipe: forecast k = 9 from the cell means at k = 1, 2, 4 for all 27 paper fits,
+   with the sampled sizes' subsets drawn uniformly or balanced (every expert equally often).
+
+Run from the repository root (about 10 minutes on 2 cores with the defaults):
+  python benchmarks/law_accuracy.py --machine "2-core CPU CI machine"
+writes benchmarks/results/law_accuracy_cpu_<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+from results_io import save_results
+
+from hf_mergelaw.law import fit_law, plan
+from hf_mergelaw.law.synthetic import joint_mean, load_param_table, synthetic_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+TRAIN_SIZES = (0.5, 1.5, 3.0, 7.0, 14.0, 32.0)
+HELD_OUT = 72.0
+KS = np.arange(1, 10)
+
+
+def coverage(key: tuple[str, str], sweeps: int, bootstrap: int, level: float) -> dict:
+    """Per-k coverage of the mean-curve interval at the held-out size over ``sweeps`` sweeps."""
+    means = load_param_table(DATA / "paper_joint_fits.csv")
+    variances = load_param_table(DATA / "paper_variance_fits.csv")
+    truth = joint_mean(means[key], HELD_OUT, KS)
+    hits, errors, widths = [], [], []
+    for rep in range(sweeps):
+        records = synthetic_sweep(
+            means[key],
+            variances[("average", key[1])],
+            sizes=TRAIN_SIZES,
+            scatter="independent",
+            seed=1000 + rep,
+        )
+        fit = fit_law(records, "joint", bootstrap=bootstrap, seed=rep, level=level, variance=False)
+        pred = fit.predict(HELD_OUT, KS)
+        hits.append((pred.lo <= truth) & (truth <= pred.hi))
+        errors.append(pred.mean / truth - 1)
+        widths.append((pred.hi - pred.lo) / truth)
+    hits, errors = np.array(hits), np.array(errors)
+    return {
+        "method": key[0],
+        "domain": key[1],
+        "sweeps": sweeps,
+        "coverage": float(hits.mean()),
+        "coverage_by_k": hits.mean(axis=0).round(3).tolist(),
+        "coverage_se": float(hits.mean(axis=1).std(ddof=1) / np.sqrt(sweeps)),
+        "median_abs_rel_error": float(np.median(np.abs(errors))),
+        "median_rel_width": float(np.median(widths)),
+    }
+
+
+def three_point(design: str, subsets: int | str, seeds: int) -> dict:
+    """Relative error of the k = 9 forecast against the true mean, by size, over all paper fits."""
+    means = load_param_table(DATA / "paper_joint_fits.csv")
+    variances = load_param_table(DATA / "paper_variance_fits.csv")
+    errors: dict[float, list[float]] = {}
+    for i, (key, params) in enumerate(sorted(means.items())):
+        for seed in range(seeds):
+            # A seed per fit and sweep: every sweep draws its own expert effects and subsets.
+            records = synthetic_sweep(
+                params,
+                variances[("average", key[1])],
+                subsets=subsets,
+                design=design,
+                seed=seeds * i + seed,
+            )
+            for p in plan(fit_law(records, "joint", variance=False)):
+                tp = p.three_point
+                rel = np.nan if tp is None else abs(tp.forecast / joint_mean(params, p.N, 9) - 1)
+                errors.setdefault(p.N, []).append(rel)
+    rows = []
+    for size, errs in errors.items():
+        e = np.array(errs)
+        rows.append(
+            {
+                "N": size,
+                "forecasts": int(np.isfinite(e).sum()),
+                "no_forecast": int(np.isnan(e).sum()),
+                "median": float(np.nanmedian(e)),
+                "p90": float(np.nanquantile(e, 0.9)),
+                "within_1pct": float(np.mean(e < 0.01)),
+            }
+        )
+    return {"design": design, "subsets": subsets, "by_size": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweeps", type=int, default=200)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=3, help="three-point sweeps per paper fit")
+    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    keys = [("average", "algebra"), ("average", "code"), ("ties", "geometry")]
+    result = {
+        "benchmark": "law_accuracy",
+        "machine": args.machine,
+        "date": args.date,
+        "command": shlex.join(["python", "benchmarks/law_accuracy.py", *sys.argv[1:]]),
+        "level": 0.9,
+        "coverage": [coverage(k, args.sweeps, args.bootstrap, 0.9) for k in keys],
+        "three_point": [
+            three_point("uniform", "paper", args.seeds),
+            three_point("balanced", "paper", args.seeds),
+            three_point("balanced", 18, args.seeds),
+        ],
+    }
+    save_results(args.out_dir, f"law_accuracy_cpu_{args.date}", result, render(result))
+    print(render(result))
+
+
+def render(result: dict) -> str:
+    lines = [
+        "# law_accuracy: interval coverage at a held-out size, three-point recipe",
+        "",
+        f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}`",
+        "",
+        "## 90% mean-curve interval at 72B, joint law fitted on 0.5-32B",
+        "",
+        "Independent subset scatter, the paper's design (all subsets up to 7B, 15 above), "
+        "bootstrap resampling subsets within cells.",
+        "",
+        "| fit | sweeps | coverage (± s.e.) | by k = 1..9 | median abs error | median width |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["coverage"]:
+        lines.append(
+            f"| {c['method']}/{c['domain']} | {c['sweeps']} | {c['coverage']:.3f} ± "
+            f"{c['coverage_se']:.3f} | {' '.join(f'{v:.2f}' for v in c['coverage_by_k'])} | "
+            f"{c['median_abs_rel_error']:.2%} | {c['median_rel_width']:.2%} |"
+        )
+    lines += [
+        "",
+        "## Three-point recipe: k = 9 forecast from k = 1, 2, 4, error against the true mean",
+        "",
+        "All 27 paper fits, pool scatter (a subset's deviation is the mean of its members' "
+        "effects). `paper`: all subsets up to 7B, 15 above.",
+        "",
+        "| design | subsets | N | forecasts | none | median error | p90 error | within 1% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in result["three_point"]:
+        for r in t["by_size"]:
+            lines.append(
+                f"| {t['design']} | {t['subsets']} | {r['N']:g} | {r['forecasts']} | "
+                f"{r['no_forecast']} | {r['median']:.2%} | {r['p90']:.2%} | "
+                f"{r['within_1pct']:.0%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
