@@ -20,6 +20,7 @@ import datetime
 import os
 import shlex
 import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,29 @@ HELD_OUT = 72.0
 KS = np.arange(1, 10)
 
 
+@cache
+def paper_means() -> dict[tuple[str, str], dict[str, float]]:
+    return load_param_table(DATA / "paper_joint_fits.csv")
+
+
+@cache
+def paper_variances() -> dict[tuple[str, str], dict[str, float]]:
+    return load_param_table(DATA / "paper_variance_fits.csv")
+
+
+def paper_sweep(key: tuple[str, str], **options: object) -> list[dict]:
+    """Means from the paper's joint fit ``key``, scatter from the Average variance fit of its
+    domain (the paper's Table 6 covers Average only)."""
+    return synthetic_sweep(paper_means()[key], paper_variances()[("average", key[1])], **options)
+
+
 def coverage(key: tuple[str, str], sweeps: int, bootstrap: int, level: float) -> dict:
     """Per-k coverage of the mean-curve interval at the held-out size over ``sweeps`` sweeps."""
-    means = load_param_table(DATA / "paper_joint_fits.csv")
-    variances = load_param_table(DATA / "paper_variance_fits.csv")
-    truth = joint_mean(means[key], HELD_OUT, KS)
+    truth = joint_mean(paper_means()[key], HELD_OUT, KS)
     hits, errors, widths = [], [], []
     for rep in range(sweeps):
-        records = synthetic_sweep(
-            means[key],
-            variances[("average", key[1])],
+        records = paper_sweep(
+            key,
             sizes=TRAIN_SIZES,
             scatter="independent",
             seed=1000 + rep,
@@ -85,16 +99,12 @@ def brute_force_fit(
 
 def against_brute_force(key: tuple[str, str], sweeps: int, starts: int) -> dict:
     """Our multi-start fit versus the best of ``starts`` random-start fits, on the same cells."""
-    means = load_param_table(DATA / "paper_joint_fits.csv")
-    variances = load_param_table(DATA / "paper_variance_fits.csv")
-    truth = joint_mean(means[key], HELD_OUT, KS)
+    truth = joint_mean(paper_means()[key], HELD_OUT, KS)
     at_72 = {"N": np.full(KS.size, HELD_OUT), "k": KS.astype(float)}
     rng = np.random.default_rng(0)
     sse_ratio, ours_error, reference_error = [], [], []
     for rep in range(sweeps):
-        records = synthetic_sweep(
-            means[key], variances[("average", key[1])], sizes=TRAIN_SIZES, seed=2000 + rep
-        )
+        records = paper_sweep(key, sizes=TRAIN_SIZES, seed=2000 + rep)
         fit = fit_law(records, "joint", variance=False)
         cells = fit.cells
         reference = brute_force_fit(cells.N, cells.k, cells.observed, starts, rng)
@@ -117,15 +127,12 @@ def against_brute_force(key: tuple[str, str], sweeps: int, starts: int) -> dict:
 
 def three_point(design: str, subsets: int | str, seeds: int) -> dict:
     """Relative error of the k = 9 forecast against the true mean, by size, over all paper fits."""
-    means = load_param_table(DATA / "paper_joint_fits.csv")
-    variances = load_param_table(DATA / "paper_variance_fits.csv")
     errors: dict[float, list[float]] = {}
-    for i, (key, params) in enumerate(sorted(means.items())):
+    for i, (key, params) in enumerate(sorted(paper_means().items())):
         for seed in range(seeds):
             # A seed per fit and sweep: every sweep draws its own expert effects and subsets.
-            records = synthetic_sweep(
-                params,
-                variances[("average", key[1])],
+            records = paper_sweep(
+                key,
                 subsets=subsets,
                 design=design,
                 seed=seeds * i + seed,
