@@ -1,7 +1,7 @@
 """Time of a joint-law fit with bootstrap: 10,000 records, 200 resamples (issue target: < 10 s).
 
 The records are a synthetic sweep from the paper's Average/code joint fit and Average/code
-variance fit (../shared/data): 7 sizes (0.5-72B), k = 1..9, a pool of 20 experts, up to 180
+variance fit (hf_mergelaw.law.paper): 7 sizes (0.5-72B), k = 1..9, a pool of 20 experts, up to 180
 subsets per (N, k) cell with independent scatter, then 10,000 records drawn without replacement.
 Each repeat runs the whole `hf-mergelaw fit` path: read the JSON-lines file, validate, aggregate,
 multi-start fit, 200 subset-resampling refits, and the companion variance-law fit.
@@ -30,16 +30,16 @@ import scipy
 from results_io import save_results
 
 from hf_mergelaw.law import fit_sweep, load_records
-from hf_mergelaw.law.synthetic import joint_mean, load_param_table, synthetic_sweep
+from hf_mergelaw.law.paper import joint_fits, variance_fits
+from hf_mergelaw.law.synthetic import joint_mean, synthetic_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 TARGET_SECONDS = 10.0
 
 
 def build_records(n_records: int, seed: int) -> list[dict]:
-    mean = load_param_table(DATA / "paper_joint_fits.csv")[("average", "code")]
-    var = load_param_table(DATA / "paper_variance_fits.csv")[("average", "code")]
+    mean = joint_fits()[("average", "code")]
+    var = variance_fits()[("average", "code")]
     rows = synthetic_sweep(mean, var, pool_size=20, subsets=180, scatter="independent", seed=seed)
     if len(rows) < n_records:
         raise SystemExit(f"the synthetic sweep has only {len(rows)} records")
@@ -72,9 +72,7 @@ def main() -> None:
     walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
     fit = runs[-1][2].fits[0]
     ks = np.arange(1, 10)
-    truth = joint_mean(
-        load_param_table(DATA / "paper_joint_fits.csv")[("average", "code")], 72.0, ks
-    )
+    truth = joint_mean(joint_fits()[("average", "code")], 72.0, ks)
     pred = fit.predict(72.0, ks)
     result = {
         "benchmark": "bench_fit",

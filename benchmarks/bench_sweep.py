@@ -41,9 +41,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_mergelaw.cross_entropy import EvalSet, cross_entropy
 from hf_mergelaw.experts import ExpertPool
-from hf_mergelaw.methods import MethodSpec
 from hf_mergelaw.sweep import plan_jobs, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig
+from hf_mergelaw.sweep_methods import MethodSpec
 
 DENSITY = 0.5
 METHOD = MethodSpec.from_config({"name": "ties", "density": DENSITY})

@@ -20,42 +20,32 @@ import datetime
 import os
 import shlex
 import sys
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 from results_io import save_results
 from scipy.optimize import least_squares
 
-from hf_mergelaw.law import JOINT, fit_law, plan
-from hf_mergelaw.law.synthetic import joint_mean, load_param_table, synthetic_sweep
+from hf_mergelaw.law import fit_law, plan
+from hf_mergelaw.law.laws import JOINT
+from hf_mergelaw.law.paper import joint_fits, variance_fits
+from hf_mergelaw.law.synthetic import joint_mean, synthetic_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 TRAIN_SIZES = (0.5, 1.5, 3.0, 7.0, 14.0, 32.0)
 HELD_OUT = 72.0
 KS = np.arange(1, 10)
 
 
-@cache
-def paper_means() -> dict[tuple[str, str], dict[str, float]]:
-    return load_param_table(DATA / "paper_joint_fits.csv")
-
-
-@cache
-def paper_variances() -> dict[tuple[str, str], dict[str, float]]:
-    return load_param_table(DATA / "paper_variance_fits.csv")
-
-
 def paper_sweep(key: tuple[str, str], **options: object) -> list[dict]:
     """Means from the paper's joint fit ``key``, scatter from the Average variance fit of its
     domain (the paper's Table 6 covers Average only)."""
-    return synthetic_sweep(paper_means()[key], paper_variances()[("average", key[1])], **options)
+    return synthetic_sweep(joint_fits()[key], variance_fits()[("average", key[1])], **options)
 
 
 def coverage(key: tuple[str, str], sweeps: int, bootstrap: int, level: float) -> dict:
     """Per-k coverage of the mean-curve interval at the held-out size over ``sweeps`` sweeps."""
-    truth = joint_mean(paper_means()[key], HELD_OUT, KS)
+    truth = joint_mean(joint_fits()[key], HELD_OUT, KS)
     hits, errors, widths = [], [], []
     for rep in range(sweeps):
         records = paper_sweep(
@@ -99,7 +89,7 @@ def brute_force_fit(
 
 def against_brute_force(key: tuple[str, str], sweeps: int, starts: int) -> dict:
     """Our multi-start fit versus the best of ``starts`` random-start fits, on the same cells."""
-    truth = joint_mean(paper_means()[key], HELD_OUT, KS)
+    truth = joint_mean(joint_fits()[key], HELD_OUT, KS)
     at_72 = {"N": np.full(KS.size, HELD_OUT), "k": KS.astype(float)}
     rng = np.random.default_rng(0)
     sse_ratio, ours_error, reference_error = [], [], []
@@ -128,7 +118,7 @@ def against_brute_force(key: tuple[str, str], sweeps: int, starts: int) -> dict:
 def three_point(design: str, subsets: int | str, seeds: int) -> dict:
     """Relative error of the k = 9 forecast against the true mean, by size, over all paper fits."""
     errors: dict[float, list[float]] = {}
-    for i, (key, params) in enumerate(sorted(paper_means().items())):
+    for i, (key, params) in enumerate(sorted(joint_fits().items())):
         for seed in range(seeds):
             # A seed per fit and sweep: every sweep draws its own expert effects and subsets.
             records = paper_sweep(

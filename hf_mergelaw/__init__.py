@@ -12,35 +12,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public name -> the submodule defining it.
-_LAZY_ATTRIBUTES = {
-    "metric_path": "hf_mergelaw.metric_registration",
-    "MergeScalingCallback": "hf_mergelaw.callback",
-    "ExpertPool": "hf_mergelaw.experts",
-    "MethodSpec": "hf_mergelaw.methods",
-    "run_sweep": "hf_mergelaw.sweep",
-    "sweep_pool": "hf_mergelaw.sweep",
-    "load_sweep_config": "hf_mergelaw.sweep_config",
-    "build_eval_set": "hf_mergelaw.cross_entropy",
-    # Scaling-law engine (numpy/scipy only).
-    "CostModel": "hf_mergelaw.law",
-    "FitReport": "hf_mergelaw.law",
-    "FitResult": "hf_mergelaw.law",
-    "Law": "hf_mergelaw.law",
-    "LawError": "hf_mergelaw.law",
-    "Prediction": "hf_mergelaw.law",
-    "fit_law": "hf_mergelaw.law",
-    "fit_sweep": "hf_mergelaw.law",
-    "load_records": "hf_mergelaw.law",
-    "plan": "hf_mergelaw.law",
-    "size_vs_experts": "hf_mergelaw.law",
-    "three_point_recipe": "hf_mergelaw.law",
+# The submodule defining each public name; the one list the package exports.
+_EXPORTS = {
+    "hf_mergelaw.callback": ("MergeScalingCallback",),
+    "hf_mergelaw.cross_entropy": ("build_eval_set",),
+    "hf_mergelaw.errors": ("UserError",),
+    "hf_mergelaw.experts": ("ExpertPool",),
+    "hf_mergelaw.metric_registration": ("metric_path",),
+    "hf_mergelaw.sweep": ("run_sweep", "sweep_pool"),
+    "hf_mergelaw.sweep_config": ("load_sweep_config",),
+    "hf_mergelaw.sweep_methods": ("MethodSpec",),
+    # The scaling law's everyday names (numpy/scipy only); the rest are in hf_mergelaw.law.
+    "hf_mergelaw.law": ("FitReport", "FitResult", "Law", "fit_sweep", "load_records", "plan"),
 }
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_LAZY_ATTRIBUTES)
+__all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY_ATTRIBUTES:
+    if name not in _MODULE_OF:
         raise AttributeError(f"module 'hf_mergelaw' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)

@@ -16,13 +16,14 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .cross_entropy import EvalSet
+from .errors import UserError
 from .experts import ExpertPool
 from .law import LawError, fit_sweep, marginal_gain, plan
-from .methods import MethodSpec
-from .results import ResultsFile
+from .record_store import RecordStore
 from .subsets import STRATEGIES
 from .sweep import sweep_pool
 from .sweep_config import SamplingConfig
+from .sweep_methods import MethodSpec
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class MergeScalingCallback(TrainerCallback):
         at_save: bool = False,
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
+            raise UserError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
         self.trainer = trainer
         self.pool = pool
         self.eval_set = eval_data
@@ -94,7 +95,7 @@ class MergeScalingCallback(TrainerCallback):
         )
         records = [
             r
-            for r in ResultsFile(output)
+            for r in RecordStore(output)
             if r["method"] == self.method.label and set(r["subset"]) <= set(self.pool.names)
         ]
         self.trainer.log(self._metrics(records))

@@ -7,11 +7,13 @@ that needs arbitrary unpickling is refused rather than executed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .errors import PoolError
+from .files import read_json
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -91,7 +93,7 @@ def _load_pickle(file: Path, label: str) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise ValueError(
+        raise PoolError(
             f"{label}: {file} cannot be loaded with weights_only=True ({error}). Re-save the "
             "checkpoint with save_pretrained (safetensors) and retry."
         ) from error
@@ -103,4 +105,4 @@ def _read_json(file: Path, label: str) -> dict:
             f"{label}: {file} is missing; a checkpoint directory needs the config.json that "
             "save_pretrained writes."
         )
-    return json.loads(file.read_text())
+    return read_json(file, f"{label}:")

@@ -37,6 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .errors import UserError
+
 IGNORE_INDEX = -100  # transformers' label value for "not scored"
 
 # Upper bound on the fp32 logits upcast at once (elements): the model already holds the logits of a
@@ -130,19 +132,19 @@ def build_eval_set(
     Sequences are truncated to ``max_length`` tokens (from the right, special tokens kept as the
     tokenizer's truncation does). Sequences left with no token to score (an empty response, or a
     prompt that fills ``max_length``) are skipped with a warning; if nothing is left to score, or a
-    domain has nothing left, a ``ValueError`` says so.
+    domain has nothing left, a ``UserError`` says so.
 
     >>> eval_set = build_eval_set(tokenizer, texts=["a held-out document", "another one"])
     >>> eval_set = build_eval_set(tokenizer, prompts=["Q: 2+2?"], responses=[" A: 4"],
     ...                           domains=["math"], max_length=1024)
     """
     if max_length < 2:
-        raise ValueError(
+        raise UserError(
             f"max_length must be at least 2 (a context and a scored token), got {max_length}"
         )
     size = check_inputs(texts, prompts, responses, domains)
     if size == 0:
-        raise ValueError("The evaluation set has no tokens to score; it holds no sequence.")
+        raise UserError("The evaluation set has no tokens to score; it holds no sequence.")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if texts is not None:
@@ -181,9 +183,9 @@ def cross_entropy(
     >>> result.cross_entropy, result.perplexity, result.num_tokens
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if len(eval_set) == 0:
-        raise ValueError("The evaluation set has no tokens to score; it holds no sequence.")
+        raise UserError("The evaluation set has no tokens to score; it holds no sequence.")
     model, device = _resolve_model(model, device)
     was_training = model.training
     model.eval()
@@ -201,12 +203,12 @@ def check_inputs(texts=None, prompts=None, responses=None, domains=None) -> int:
     1
     """
     if texts is not None and (prompts is not None or responses is not None):
-        raise ValueError("Pass either texts or prompts with responses, not both.")
+        raise UserError("Pass either texts or prompts with responses, not both.")
     if texts is None and (prompts is None) != (responses is None):
         given, missing = ("prompts", "responses") if responses is None else ("responses", "prompts")
-        raise ValueError(f"{given} were given without {missing}; pass both (one per example).")
+        raise UserError(f"{given} were given without {missing}; pass both (one per example).")
     if texts is None and prompts is None:
-        raise ValueError(
+        raise UserError(
             "Nothing to evaluate: pass texts=[...] or prompts=[...] with responses=[...]."
         )
     columns = (
@@ -216,11 +218,11 @@ def check_inputs(texts=None, prompts=None, responses=None, domains=None) -> int:
         columns["domains"] = domains
     lengths = {name: len(column) for name, column in columns.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"Inputs must have one entry per example; got lengths {lengths}.")
+        raise UserError(f"Inputs must have one entry per example; got lengths {lengths}.")
     for name, column in columns.items():
         bad = next((i for i, value in enumerate(column) if not isinstance(value, str)), None)
         if bad is not None:
-            raise ValueError(f"{name}[{bad}] must be a string, got {type(column[bad]).__name__}.")
+            raise UserError(f"{name}[{bad}] must be a string, got {type(column[bad]).__name__}.")
     return next(iter(lengths.values()))
 
 
@@ -229,7 +231,7 @@ def _tokenize_pairs(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of ``prompt + response`` and labels masked up to the first response token."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise UserError(
             "prompts/responses need a fast tokenizer (its offset mapping locates the response); "
             f"{type(tokenizer).__name__} is not one. Load it with AutoTokenizer.from_pretrained."
         )
@@ -257,14 +259,14 @@ def _check_scorable(size, skipped, domains, kept, max_length) -> None:
         f"or a prompt that fills max_length={max_length})"
     )
     if not kept:
-        raise ValueError(
+        raise UserError(
             f"The evaluation set has no tokens to score; {size} sequence(s) given, "
             f"{len(skipped)} without a token to score {reason}."
         )
     if domains is not None:
         empty = sorted(set(domains) - {domains[i] for i in kept})
         if empty:
-            raise ValueError(
+            raise UserError(
                 f"Domain(s) {empty} have no tokens to score; every one of their sequences is "
                 f"without a token to score {reason}."
             )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .sweep_config import EvalConfig, SweepConfigError
+from .errors import SweepConfigError
+from .files import read_json, read_jsonl
+from .sweep_config import EvalConfig
 
 # build_eval_set keyword -> the EvalConfig key naming its field.
 COLUMN_FIELDS = {
@@ -42,9 +43,16 @@ def load_eval_columns(config: EvalConfig) -> dict[str, list[Any] | None]:
 
 def _rows(config: EvalConfig) -> list[dict[str, Any]]:
     path = Path(config.data)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        with path.open() as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+    if path.is_file() and path.suffix == ".jsonl":
+        return [row for _, row in read_jsonl(path)]
+    if path.is_file() and path.suffix == ".json":
+        rows = read_json(path, "eval data")
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise SweepConfigError(
+                f"eval data {path} must hold a JSON list of objects (one per example), or be a "
+                "JSON-lines file (.jsonl) with one object per line."
+            )
+        return rows
     import datasets
 
     try:

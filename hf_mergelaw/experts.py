@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .checkpoints import Checkpoint
-from .methods import MethodSpec
+from .errors import PoolError
+from .sweep_methods import MethodSpec
 
 STORAGES = ("auto", "device", "cpu", "disk")
 # Config fields that must agree for two checkpoints to be experts of one base.
@@ -68,7 +69,7 @@ class ExpertPool:
         from transformers import AutoModelForCausalLM
 
         if storage not in STORAGES:
-            raise ValueError(f"storage={storage!r}; use one of {', '.join(STORAGES)}.")
+            raise PoolError(f"storage={storage!r}; use one of {', '.join(STORAGES)}.")
         self.base_path = Path(base_model)
         self.base_checkpoint = Checkpoint(self.base_path, "base model")
         self.device = resolve_device(device)
@@ -78,7 +79,7 @@ class ExpertPool:
         self.parameters = dict(self.model.named_parameters())
         self.base_tensors = {name: p.detach().clone() for name, p in self.parameters.items()}
         self._check_base_checkpoint()
-        experts = _named(experts)
+        experts = named_experts(experts)
         self.storage = storage if storage != "auto" else self._auto_storage(len(experts))
         self.experts: dict[str, Expert] = {}
         # (expert, tensor) -> prepared task vector and its scale, for one method at a time.
@@ -99,7 +100,7 @@ class ExpertPool:
     def add_expert(self, name: str, source: str | Path | nn.Module) -> None:
         """Add an expert from a checkpoint directory, a PEFT adapter directory or a model."""
         if name in self.experts:
-            raise ValueError(f"the pool already has an expert named {name!r}; use another name.")
+            raise PoolError(f"the pool already has an expert named {name!r}; use another name.")
         if isinstance(source, nn.Module):
             expert = self._expert_from_module(name, source)
         elif (Path(source) / "adapter_config.json").exists():
@@ -113,7 +114,9 @@ class ExpertPool:
         """Overwrite the model's weights with the merge of `subset` (expert names)."""
         unknown = [name for name in subset if name not in self.experts]
         if unknown:
-            raise KeyError(f"no expert named {unknown[0]!r} in the pool ({', '.join(self.names)}).")
+            raise PoolError(
+                f"no expert named {unknown[0]!r} in the pool ({', '.join(self.names)})."
+            )
         if method.label != self._prepared_for:
             self._prepared.clear()
             self._prepared_for = method.label
@@ -123,9 +126,15 @@ class ExpertPool:
             if all(name in expert.same_as_base for expert in experts):
                 parameter.copy_(base)
                 continue
-            prepared = [self._prepared_vector(method, expert, name) for expert in experts]
-            vectors = [v.to(self.device, non_blocking=True) for v, _ in prepared]
-            parameter.copy_(method.merge(base, vectors, [scale for _, scale in prepared]))
+            try:
+                prepared = [self._prepared_vector(method, expert, name) for expert in experts]
+                vectors = [v.to(self.device, non_blocking=True) for v, _ in prepared]
+                parameter.copy_(method.merge(base, vectors, [scale for _, scale in prepared]))
+            except ValueError as error:
+                raise PoolError(
+                    f"{method.label} cannot merge tensor {name!r} of experts {list(subset)} "
+                    f"(expert i is the i-th of that list): {error}"
+                ) from error
 
     @torch.no_grad()
     def restore_base(self) -> None:
@@ -189,7 +198,7 @@ class ExpertPool:
         try:
             merged = PeftModel.from_pretrained(copy, path).merge_and_unload()
         except Exception as error:
-            raise ValueError(
+            raise PoolError(
                 f"expert {name!r}: PEFT could not apply the adapter in {path} to the base model "
                 f"({error}). Was the adapter trained on this base model?"
             ) from error
@@ -211,7 +220,7 @@ class ExpertPool:
         names = set(self.base_checkpoint.names)
         missing = [n for n in self.parameters if n not in names]
         if missing:
-            raise ValueError(
+            raise PoolError(
                 f"base model: {self.base_path} has no tensor {missing[0]!r} that the model "
                 "declares; the checkpoint does not match its config."
             )
@@ -220,7 +229,7 @@ class ExpertPool:
         base = self.base_checkpoint.config
         for key in ARCHITECTURE_FIELDS:
             if config.get(key) != base.get(key):
-                raise ValueError(
+                raise PoolError(
                     f"expert {name!r} has {key}={config.get(key)!r} but the base model has "
                     f"{base.get(key)!r}; every expert must be fine-tuned from the base "
                     "(same architecture and vocabulary)."
@@ -229,12 +238,12 @@ class ExpertPool:
     def _check_tensors(self, name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
         for tensor, parameter in self.parameters.items():
             if tensor not in shapes:
-                raise ValueError(
+                raise PoolError(
                     f"expert {name!r} has no tensor {tensor!r}, which the base model has; "
                     "it is not a checkpoint of the base's architecture."
                 )
             if tuple(shapes[tensor]) != tuple(parameter.shape):
-                raise ValueError(
+                raise PoolError(
                     f"expert {name!r}: tensor {tensor!r} has shape {tuple(shapes[tensor])} but "
                     f"the base's has {tuple(parameter.shape)}; every expert must share the base's "
                     "architecture (same hidden sizes, layers and vocabulary)."
@@ -262,15 +271,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _named(experts: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[str, str | Path]:
-    """Experts given as a list are named after their directories."""
+def named_experts(
+    experts: Mapping[str, str | Path] | Sequence[str | Path],
+) -> dict[str, str | Path]:
+    """Experts by name; given as a list, they are named after their directories."""
     if isinstance(experts, Mapping):
         return dict(experts)
     named: dict[str, str | Path] = {}
     for path in experts:
         name = Path(path).name
         if name in named:
-            raise ValueError(
+            raise PoolError(
                 f"two experts are both named {name!r} after their directories; give the experts "
                 "as a mapping {name: path} instead of a list."
             )

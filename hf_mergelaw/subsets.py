@@ -11,6 +11,8 @@ import math
 import random
 from collections.abc import Iterable
 
+from .errors import UserError
+
 STRATEGIES = ("all", "uniform", "balanced", "permutations")
 PAPER_NUM_PERMUTATIONS = 15
 PAPER_SHUFFLE_CANDIDATES = 1000
@@ -35,7 +37,7 @@ def sample_subsets(
     [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     """
     if not 1 <= k <= num_experts:
-        raise ValueError(
+        raise UserError(
             f"k={k} is outside 1..{num_experts}: a pool of {num_experts} experts has no subset "
             f"of that size. Lower the largest k or add experts."
         )
@@ -48,7 +50,7 @@ def sample_subsets(
     if strategy == "permutations":
         prefixes = (tuple(sorted(p[:k])) for p in diverse_permutations(num_experts, per_k, seed))
         return list(dict.fromkeys(prefixes))
-    raise ValueError(f"unknown sampling strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    raise UserError(f"unknown sampling strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
 
 
 def diverse_permutations(
@@ -84,7 +86,7 @@ def balance_subsets(
     """Swap single experts until each appears in the subsets equally often (counts within one).
 
     Why: to first order a merge's loss moves with the mean of its members' task vectors
-    (law.md section 3), so the part of a cell's mean loss that comes from which experts were
+    (docs/law.md section 3), so the part of a cell's mean loss that comes from which experts were
     drawn is the count-weighted mean of per-expert effects. Equal counts cancel it, leaving the
     much smaller pairwise part: a balanced cell's mean sits on the law with far fewer subsets.
     The procedure treats experts alike (random draw, random tie-breaks), so every subset is

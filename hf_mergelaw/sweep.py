@@ -12,7 +12,6 @@ its own file, and the main process gathers them into the output at the end.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +21,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .cross_entropy import CrossEntropy, EvalSet, build_eval_set, cross_entropy
+from .cross_entropy import EvalSet, build_eval_set, cross_entropy
 from .eval_data import load_eval_columns
 from .experts import ExpertPool
-from .methods import MethodSpec
-from .results import ResultsFile
+from .record_schema import job_key, make_record, record_key
+from .record_store import RecordStore
 from .subsets import sample_subsets
 from .sweep_config import SamplingConfig, SweepConfig
+from .sweep_methods import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,6 @@ class SweepSummary:
     planned: int
     written: int
     skipped: int
-
-
-def job_key(label: str, params: dict[str, Any], subset: Sequence[str]) -> str:
-    """What makes two records the same merge (resume skips a job whose key is recorded)."""
-    return json.dumps([label, params, list(subset)], sort_keys=True)
 
 
 def plan_jobs(
@@ -124,10 +119,10 @@ def sweep_pool(
     jobs = plan_jobs(methods, ks, pool.names, sampling)
     # Every rank must split the same job list: all read what is done before any writes more.
     state.wait_for_everyone()
-    done = {_record_key(r) for path in _result_files(output) for r in ResultsFile(path)}
+    done = {record_key(r) for path in _result_files(output) for r in RecordStore(path)}
     todo = [job for job in jobs if job.key not in done]
     state.wait_for_everyone()
-    results = ResultsFile(_rank_file(output, state) if state.num_processes > 1 else output)
+    results = RecordStore(_rank_file(output, state) if state.num_processes > 1 else output)
     size = N if N is not None else pool.num_parameters_billions
     written = 0
     with state.split_between_processes(todo) as mine:
@@ -142,7 +137,18 @@ def sweep_pool(
                 pool.model, eval_set, batch_size=batch_size, device=pool.device
             )
             timing = {"merge_s": merged - start, "eval_s": time.perf_counter() - merged}
-            results.append(make_record(job, measured, N=size, seed=sampling.seed, timing=timing))
+            results.append(
+                make_record(
+                    label=job.method.label,
+                    method_name=job.method.name,
+                    params=job.method.params,
+                    subset=job.subset,
+                    measured=measured,
+                    N=size,
+                    seed=sampling.seed,
+                    timing=timing,
+                )
+            )
             written += 1
             bar.set_postfix(k=job.k, ce=f"{measured.cross_entropy:.4f}")
     pool.restore_base()
@@ -152,53 +158,6 @@ def sweep_pool(
             _gather_rank_files(output)
         state.wait_for_everyone()
     return SweepSummary(output, planned=len(jobs), written=written, skipped=len(jobs) - len(todo))
-
-
-def make_record(
-    job: Job, measured: CrossEntropy, *, N: float, seed: int, timing: dict[str, float]
-) -> dict[str, Any]:
-    """One merged model's line: the law issue's schema plus params, seed and timing.
-
-    With domains, `ce` is the cross-domain macro mean (domain "macro") and `per_domain` holds each
-    domain's CE; without, `ce` is the token-weighted CE (domain "all").
-    """
-    record: dict[str, Any] = {
-        "method": job.method.label,
-        "method_name": job.method.name,
-        "params": dict(job.method.params),
-        "k": job.k,
-        "subset": list(job.subset),
-        "N": N,
-        "num_tokens": measured.num_tokens,
-        "seed": seed,
-        **timing,
-    }
-    if measured.per_domain:
-        record["domain"] = "macro"
-        record["ce"] = measured.macro_cross_entropy
-        record["per_domain"] = {
-            domain: {"ce": value.cross_entropy, "num_tokens": value.num_tokens}
-            for domain, value in measured.per_domain.items()
-        }
-    else:
-        record["domain"] = "all"
-        record["ce"] = measured.cross_entropy
-    return record
-
-
-def records_by_domain(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records for the law fit: each per-domain CE becomes a row of its own (in-domain curves)
-    beside the macro row (the cross-domain curve)."""
-    rows = []
-    for record in records:
-        rows.append(record)
-        for domain, value in record.get("per_domain", {}).items():
-            rows.append({**record, "domain": domain, **value})
-    return rows
-
-
-def _record_key(record: dict[str, Any]) -> str:
-    return job_key(record["method"], record["params"], record["subset"])
 
 
 def _rank_device(device: str) -> str:
@@ -226,11 +185,11 @@ def _result_files(output: Path) -> list[Path]:
 
 def _gather_rank_files(output: Path) -> None:
     """Append every rank's records to the output once, then remove the rank files."""
-    results = ResultsFile(output)
-    done = {_record_key(r) for r in results}
+    results = RecordStore(output)
+    done = {record_key(r) for r in results}
     for path in _result_files(output)[1:]:
-        for record in ResultsFile(path):
-            if _record_key(record) not in done:
+        for record in RecordStore(path):
+            if record_key(record) not in done:
                 results.append(record)
-                done.add(_record_key(record))
+                done.add(record_key(record))
         path.unlink()

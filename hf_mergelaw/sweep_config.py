@@ -10,7 +10,7 @@ eval:                             # texts or prompt/response pairs; a JSON-lines
   max_length: 2048
   batch_size: 8
 methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
-k: 1-9                            # or a list [1, 2, 4], or one number
+k: 1-9                            # or 1-3,8, a list [1, 2, 4], or one number
 sampling: {strategy: balanced | uniform | all | permutations, per_k: 20, seed: 0}
 output: results.jsonl
 device: auto
@@ -21,7 +21,6 @@ Relative paths are resolved against the YAML file's directory.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,11 @@ from typing import Any
 import torch
 import yaml
 
-from .methods import MethodSpec
+from .errors import PoolError, SweepConfigError, UserError
+from .experts import named_experts
+from .k_values import parse_k
 from .subsets import STRATEGIES
+from .sweep_methods import MethodSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOP_LEVEL_KEYS = (
@@ -43,10 +45,6 @@ EVAL_KEYS = (
     "max_length", "batch_size", "max_samples",
 )  # fmt: skip
 SAMPLING_KEYS = ("strategy", "per_k", "seed")
-
-
-class SweepConfigError(ValueError):
-    """A sweep YAML that cannot run; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,10 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
     if n is not None and (not isinstance(n, int | float) or n <= 0):
         raise SweepConfigError(f"N={n!r} must be a positive number (billions of parameters).")
     experts = _experts(section["experts"], root)
-    ks = parse_k(section["k"])
+    try:
+        ks = parse_k(section["k"])
+    except UserError as error:
+        raise SweepConfigError(str(error)) from None
     if ks[-1] > len(experts):
         raise SweepConfigError(
             f"k goes up to {ks[-1]} but the pool has {len(experts)} experts; no subset has more "
@@ -136,26 +137,6 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
         storage=str(section.get("storage", "auto")),
         N=n,
     )
-
-
-def parse_k(value: Any) -> list[int]:
-    """`1-9`, `[1, 2, 4]` or `3` -> sorted distinct ks, each >= 1."""
-    if isinstance(value, bool):
-        raise SweepConfigError(f"k={value!r}; use a range like 1-9, a list or a number.")
-    if isinstance(value, int):
-        ks = [value]
-    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)):
-        low, high = int(match[1]), int(match[2])
-        if low > high:
-            raise SweepConfigError(f"k={value!r} is an empty range; write low-high, e.g. 1-9.")
-        ks = list(range(low, high + 1))
-    elif isinstance(value, list) and all(type(v) is int for v in value):
-        ks = value
-    else:
-        raise SweepConfigError(f"k={value!r}; use a range like 1-9, a list [1, 2, 4] or a number.")
-    if not ks or min(ks) < 1:
-        raise SweepConfigError(f"k={value!r}: every k must be at least 1.")
-    return sorted(set(ks))
 
 
 def _mapping(raw: Any, where: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
@@ -178,22 +159,17 @@ def _path(value: Any, root: Path) -> Path:
 
 def _experts(value: Any, root: Path) -> dict[str, Path]:
     if isinstance(value, Mapping):
-        experts = {str(name): _path(path, root) for name, path in value.items()}
+        paths: Mapping[str, Any] | list[Path] = {str(n): _path(p, root) for n, p in value.items()}
     elif isinstance(value, list):
-        experts = {}
-        for path in value:
-            resolved = _path(path, root)
-            if resolved.name in experts:
-                raise SweepConfigError(
-                    f"two experts are named {resolved.name!r} after their directories; write "
-                    "experts as a mapping {name: path}."
-                )
-            experts[resolved.name] = resolved
+        paths = [_path(path, root) for path in value]
     else:
         raise SweepConfigError("experts must be a mapping {name: path} or a list of paths.")
-    if not experts:
+    if not paths:
         raise SweepConfigError("experts is empty; a sweep needs at least one expert.")
-    return experts
+    try:
+        return {name: Path(path) for name, path in named_experts(paths).items()}
+    except PoolError as error:
+        raise SweepConfigError(str(error)) from None
 
 
 def _eval(value: Any, root: Path) -> EvalConfig:
@@ -234,5 +210,5 @@ def _method(entry: Any, index: int) -> MethodSpec:
         raise SweepConfigError(f"methods[{index}] must be a mapping like {{name: ties}}.")
     try:
         return MethodSpec.from_config(entry)
-    except ValueError as error:
-        raise SweepConfigError(f"methods[{index}]: {error}") from error
+    except SweepConfigError as error:
+        raise SweepConfigError(f"methods[{index}]: {error}") from None

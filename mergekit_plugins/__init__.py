@@ -31,7 +31,7 @@ keep statistically equivalent, not identical, entries. Ties at the TIES magnitud
 kept lowest index first (mergekit's choice among them is arbitrary).
 """
 
-from .methods import FUSED_METHODS, FusedTaskArithmeticMerge, register, tensor_stream
+from .fused_methods import FUSED_METHODS, FusedTaskArithmeticMerge, register, tensor_stream
 
 __all__ = ["FUSED_METHODS", "FusedTaskArithmeticMerge", "register", "tensor_stream"]
 

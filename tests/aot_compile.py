@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from triton_ops import dare, ties
+from triton_ops import dare, merge_pass, ties
 
 # (triton dtype name, NONFINITE_KEY of that dtype)
 DTYPES = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F800000}
@@ -68,14 +68,14 @@ def variants(dtype: str, nonfinite_key: int) -> Iterator[tuple[str, object, dict
     ):
         yield (
             f"merge(DROP={drop}, TASK_VECTORS={task_vectors}, CONSENSUS={consensus})",
-            dare._merge_kernel,
+            merge_pass._merge_kernel,
             {"base_ptr": tensor, "expert_ptrs": "*i64", "out_ptr": tensor, "key_ptr": "*i64",
              "threshold_ptr": "*i64", "factor_ptr": "*fp32", "weight_ptr": "*fp32",
              "nonfinite_ptr": "*i32", "numel": "i64", "num_experts": "i32", "divisor": "fp32",
              "lambda_": "fp32"},
             {"DROP": drop, "TASK_VECTORS": task_vectors, "CONSENSUS": consensus,
              "NORMALIZE": True, "APPLY_LAMBDA": True,
-             "COUNT_NONFINITE": True, "NONFINITE_KEY": nonfinite_key, "BLOCK": dare.BLOCK},
+             "COUNT_NONFINITE": True, "NONFINITE_KEY": nonfinite_key, "BLOCK": merge_pass.BLOCK},
         )  # fmt: skip
 
 

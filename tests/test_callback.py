@@ -17,7 +17,7 @@ from transformers import (
 from hf_mergelaw import MergeScalingCallback
 from hf_mergelaw.cross_entropy import build_eval_set
 from hf_mergelaw.experts import ExpertPool
-from hf_mergelaw.results import ResultsFile
+from hf_mergelaw.record_store import RecordStore
 from tests.tiny_models import SENTENCES, save_family
 
 
@@ -51,7 +51,7 @@ def test_finished_run_joins_the_pool_and_logs_the_fitted_law(tmp_path) -> None:
     for key in ("eval_merge_floor", "eval_merge_tail", "eval_merge_b", "eval_merge_r2",
                 "eval_merge_next_expert_gain", "eval_merge_k_for_target"):  # fmt: skip
         assert key in metrics and math.isfinite(metrics[key])
-    records = list(ResultsFile(tmp_path / "run" / "merge_scaling" / "results.jsonl"))
+    records = list(RecordStore(tmp_path / "run" / "merge_scaling" / "results.jsonl"))
     assert len(records) == 15  # every subset of 4 experts
     mean_k4 = [r["ce"] for r in records if r["k"] == 4]
     assert metrics["eval_merge_ce_k4"] == mean_k4[0]

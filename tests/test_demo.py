@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from hf_mergelaw.cli.demo import add_demo_arguments, demo_command
 from hf_mergelaw.demo import pool as demo_pool
-from hf_mergelaw.demo.cli import add_demo_arguments, demo_command
 from hf_mergelaw.demo.corpus import split_files
-from hf_mergelaw.demo.run import DemoError, DemoResult, demo_methods, run_demo
+from hf_mergelaw.demo.run import DemoResult, demo_methods, run_demo
 from hf_mergelaw.demo.science import KSummary, MethodCheck, finite_pool_sd
 from hf_mergelaw.demo.settings import QUICK
+from hf_mergelaw.errors import DemoError
 from hf_mergelaw.law import FitReport
-from hf_mergelaw.sweep import job_key, plan_jobs
+from hf_mergelaw.record_schema import job_key
+from hf_mergelaw.sweep import plan_jobs
 from hf_mergelaw.sweep_config import SamplingConfig
 
 M = len(QUICK.pool.domains)

@@ -52,7 +52,7 @@ def test_evaluate_metric(workdir: Path) -> None:
 def test_sweep_then_fit_and_plan(workdir: Path) -> None:
     _run(workdir, sys.executable, "-m", "hf_mergelaw", "sweep", "examples/sweep.yml", "--fit",
          "--plot", "--no-progress")  # fmt: skip
-    assert (workdir / "tiny_pool" / "sweep" / "results.png").stat().st_size > 10_000
+    assert (workdir / "tiny_pool" / "sweep" / "results.law.png").stat().st_size > 10_000
     out = _run(workdir, "examples/fit_and_plan.py", "tiny_pool/sweep/results.jsonl")
     assert out.count("L_inf=") == 3 and "stop at k=" in out
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hf_mergelaw.law import FitError, LawError, RecordsError, fit_law, fit_sweep, load_records
+from hf_mergelaw.errors import FitError, LawError, RecordsError
+from hf_mergelaw.law import fit_law, fit_sweep, load_records
 from tests.law_data import paper_sweep
 
 

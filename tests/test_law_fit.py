@@ -7,17 +7,19 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from hf_mergelaw.law import JOINT, Law, fit_law, fit_sweep, load_records
+from hf_mergelaw.law import Law, fit_law, fit_sweep, load_records
+from hf_mergelaw.law.laws import JOINT
+from hf_mergelaw.law.paper import joint_fits, variance_fits
 from hf_mergelaw.law.synthetic import joint_mean, joint_variance, synthetic_sweep
-from tests.law_data import joint_params, paper_sweep, variance_params
+from tests.law_data import paper_sweep
 
 TRAIN_SIZES = (0.5, 1.5, 3.0, 7.0, 14.0, 32.0)
 KS = np.arange(1, 10)
 
 
-@pytest.mark.parametrize("key", sorted(joint_params()))
+@pytest.mark.parametrize("key", sorted(joint_fits()))
 def test_exact_recovery_of_every_paper_fit(key: tuple[str, str]) -> None:
-    truth = joint_params()[key]
+    truth = joint_fits()[key]
     fit = fit_law(synthetic_sweep(truth), "joint")
     assert fit.r2 > 1 - 1e-9
     for name in ("L_star", "B", "beta", "A0"):
@@ -32,7 +34,7 @@ def test_exact_recovery_of_every_paper_fit(key: tuple[str, str]) -> None:
 )
 def test_recovery_from_a_paper_design_sweep(key: tuple[str, str], seed: int) -> None:
     """All combinations up to 7B, 15 sampled subsets above, expert-pool scatter."""
-    truth = joint_params()[key]
+    truth = joint_fits()[key]
     fit = fit_law(paper_sweep(*key, seed=seed), "joint", bootstrap=100, seed=seed)
     assert fit.r2 > 0.99
     assert fit.params["L_star"] == pytest.approx(truth["L_star"], abs=0.03)
@@ -44,7 +46,7 @@ def test_recovery_from_a_paper_design_sweep(key: tuple[str, str], seed: int) -> 
     true_curve = joint_mean(truth, np.repeat(TRAIN_SIZES, 9), np.tile(KS, len(TRAIN_SIZES)))
     assert np.max(np.abs(curve / true_curve - 1)) < 0.01
     # The companion variance law reproduces the paper's variance where it is measured.
-    var_truth = joint_variance(variance_params()[("average", key[1])], 3.0, KS[:-1])
+    var_truth = joint_variance(variance_fits()[("average", key[1])], 3.0, KS[:-1])
     var_fit = fit.variance.predict(3.0, KS[:-1]).mean
     np.testing.assert_allclose(var_fit, var_truth, rtol=0.1)
 
@@ -67,7 +69,7 @@ def _reference_fit(cells_n, cells_k, y, n_starts: int = 100) -> np.ndarray:
 
 @pytest.mark.parametrize("key", [("average", "code"), ("ties", "chemistry")])
 def test_held_out_size_as_accurate_as_brute_force(key: tuple[str, str]) -> None:
-    truth = joint_params()[key]
+    truth = joint_fits()[key]
     records = paper_sweep(*key, sizes=TRAIN_SIZES, seed=7)
     fit = fit_law(records, "joint", variance=False)
     reference = _reference_fit(fit.cells.N, fit.cells.k, fit.cells.observed)
@@ -91,7 +93,7 @@ def test_interval_coverage_at_held_out_size() -> None:
     resamples the mean-curve rate is 0.89 for average/algebra, whose gamma and b sit near their
     zero floors (benchmarks/results/law_accuracy_cpu_2026-11-22.md)."""
     key = ("average", "algebra")
-    truth, var_truth = joint_params()[key], variance_params()[key]
+    truth, var_truth = joint_fits()[key], variance_fits()[key]
     probe = np.array([1, 3, 5, 9])
     true_mean = joint_mean(truth, 72.0, probe)
     true_sd = np.sqrt(joint_variance(var_truth, 72.0, probe))
@@ -178,7 +180,7 @@ def test_free_exponent_diagnostic_finds_minus_one() -> None:
 
 
 def test_huber_resists_an_outlier_cell() -> None:
-    truth = joint_params()[("average", "geometry")]
+    truth = joint_fits()[("average", "geometry")]
     records = synthetic_sweep(truth)
     for r in records:
         if r["N"] == 3.0 and r["k"] == 6:
@@ -191,7 +193,7 @@ def test_huber_resists_an_outlier_cell() -> None:
 
 @pytest.mark.parametrize("weights", ["none", "inverse-variance"])
 def test_other_weight_schemes(weights: str) -> None:
-    truth = joint_params()[("average", "number_theory")]
+    truth = joint_fits()[("average", "number_theory")]
     fit = fit_law(paper_sweep("average", "number_theory", seed=2), "joint", weights=weights)
     assert fit.weights == weights
     assert np.abs(fit.predict(72.0, KS).mean / joint_mean(truth, 72.0, KS) - 1).max() < 0.02
@@ -201,7 +203,7 @@ def test_other_weight_schemes(weights: str) -> None:
 
 
 def test_variance_form_recovers_the_paper_variance_law() -> None:
-    truth = variance_params()[("average", "chemistry")]
+    truth = variance_fits()[("average", "chemistry")]
     records = paper_sweep("average", "chemistry", subsets="all", seed=0)
     fit = fit_law(records, "variance")
     assert fit.law.target == "var"
@@ -218,5 +220,5 @@ def test_fit_sweep_groups_by_fields_and_counts_drops() -> None:
     assert [f.group for f in report.fits] == [{"method": "average"}, {"method": "ties"}]
     assert report.dropped == {"ce is negative": 1}
     assert report.fits[1].params["A0"] == pytest.approx(
-        joint_params()[("ties", "code")]["A0"], rel=0.1
+        joint_fits()[("ties", "code")]["A0"], rel=0.1
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_mergelaw.law import FormulaError, Law, fit_law, get_law
+from hf_mergelaw.errors import FormulaError
+from hf_mergelaw.law import Law, fit_law, get_law
 from hf_mergelaw.law.formula import compile_formula
 
 

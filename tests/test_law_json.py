@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_mergelaw.law import FitReport, FitResult, FormulaError, Law, fit_law, fit_sweep, plan
+from hf_mergelaw.errors import FormulaError
+from hf_mergelaw.law import FitReport, FitResult, Law, fit_law, fit_sweep, plan
 from tests.law_data import paper_sweep
 
 

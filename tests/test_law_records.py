@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_mergelaw.law import RecordsError, load_records, make_cells
-from hf_mergelaw.law.records import describe_dropped
+from hf_mergelaw.errors import RecordsError, RecordsFileError
+from hf_mergelaw.law import load_records
+from hf_mergelaw.law.records import describe_dropped, make_cells
 
 ROWS = [
     {"k": 1, "ce": 0.90, "N": 7, "method": "ties", "domain": "code", "subset": ["a"]},
@@ -53,7 +54,7 @@ def test_invalid_rows_are_dropped_and_counted(tmp_path: Path) -> None:
         {"k": 1, "ce": 0.9},
     ]
     path = tmp_path / "r.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS + bad) + "\nnot json\n[1, 2]\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS + bad))
     records = load_records(path)
     assert records.dropped == {
         "ce is NaN or infinite": 2,  # NaN and a non-number string
@@ -64,15 +65,28 @@ def test_invalid_rows_are_dropped_and_counted(tmp_path: Path) -> None:
         "k differs from the subset size": 1,
         "duplicate subset": 1,
         "N missing or not a positive number": 1,
-        "malformed JSON line": 2,
     }
     assert len(records) == 4
-    assert records.n_read == len(ROWS) + len(bad) + 2
+    assert records.n_read == len(ROWS) + len(bad)
     text = describe_dropped(records)
-    assert text.startswith(f"dropped 11 of {records.n_read} records:")
-    assert "2 malformed JSON line" in text
+    assert text.startswith(f"dropped 9 of {records.n_read} records:")
+    assert "1 duplicate subset" in text
     with pytest.raises(RecordsError, match=r"strict mode.*ce is negative"):
         load_records(path, strict=True)
+
+
+def test_a_line_cut_short_at_the_end_is_a_write_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"k": 3, "ce"')
+    assert len(load_records(path)) == len(ROWS)
+
+
+@pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"k": 1'])
+def test_a_malformed_line_before_the_end_names_file_and_line(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text(f"{json.dumps(ROWS[0])}\n{line}\n{json.dumps(ROWS[1])}\n")
+    with pytest.raises(RecordsFileError, match=r"r.jsonl:2 is a JSON list|r.jsonl:2 is not a JSON"):
+        load_records(path)
 
 
 def test_nothing_valid_or_unreadable(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_mergelaw.errors import PlanningError
 from hf_mergelaw.law import (
     CostModel,
-    PlanningError,
     fit_law,
     gain_fraction,
     k_eps,
@@ -22,9 +22,9 @@ from hf_mergelaw.law import (
     size_vs_experts,
     three_point_recipe,
 )
-from hf_mergelaw.law.planning import MERGE_SECONDS_9
-from hf_mergelaw.law.synthetic import PAPER_SIZES, joint_mean
-from tests.law_data import joint_params, paper_sweep
+from hf_mergelaw.law.paper import MERGE_SECONDS_9, PAPER_SIZES, joint_fits
+from hf_mergelaw.law.synthetic import joint_mean
+from tests.law_data import paper_sweep
 
 K_RANGE = np.arange(1, 200_001, dtype=float)
 floors = st.floats(0.0, 2.0)
@@ -76,7 +76,7 @@ def test_k_for_fraction_matches_brute_force(b, frac, k_max) -> None:
 
 def test_k90_is_5_or_6_for_average_and_task_arithmetic() -> None:
     """Paper: k90 in {5, 6} for K = 9."""
-    for (method, _), p in joint_params().items():
+    for (method, _), p in joint_fits().items():
         if method != "ties":
             assert int(k_for_fraction(0.9, p["b"])) in (5, 6)
 
@@ -99,7 +99,7 @@ def test_three_point_exact_solve_and_clamp() -> None:
         three_point_recipe(0.5, 0.45, 0.35)  # linear in k: r = 1/2, no 1/(k+b) tail
 
 
-@pytest.mark.parametrize("key", sorted(joint_params()))
+@pytest.mark.parametrize("key", sorted(joint_fits()))
 def test_three_point_forecasts_k9_within_one_percent(key: tuple[str, str]) -> None:
     """Cells holding every combination of the pool, as the paper's sweeps up to 7B."""
     fit = fit_law(paper_sweep(*key, subsets="all", seed=0), "joint", variance=False)
@@ -107,7 +107,7 @@ def test_three_point_forecasts_k9_within_one_percent(key: tuple[str, str]) -> No
         tp = p.three_point
         assert tp is not None and tp.k == 9
         assert tp.rel_error < 0.01
-        assert abs(tp.forecast / joint_mean(joint_params()[key], p.N, 9) - 1) < 0.01
+        assert abs(tp.forecast / joint_mean(joint_fits()[key], p.N, 9) - 1) < 0.01
 
 
 @pytest.mark.parametrize("key", [("average", "biology"), ("ties", "code")])
@@ -119,7 +119,7 @@ def test_three_point_within_one_percent_on_balanced_sampled_cells(key: tuple[str
     real merges keep a pairwise part, see benchmarks/subset_design.py.)"""
     fit = fit_law(paper_sweep(*key, subsets=18, design="balanced", seed=1), "joint")
     for p in plan(fit):
-        assert abs(p.three_point.forecast / joint_mean(joint_params()[key], p.N, 9) - 1) < 0.01
+        assert abs(p.three_point.forecast / joint_mean(joint_fits()[key], p.N, 9) - 1) < 0.01
 
 
 def test_three_point_interval_on_sampled_subsets() -> None:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triton_ops import reference, ties_merge
-from triton_ops.reference import MagnitudeThreshold, magnitude_key, magnitude_threshold
+from triton_ops.selection import MagnitudeThreshold, magnitude_key, magnitude_threshold
 from triton_ops.ties import BLOCK
 
 BACKENDS = ("torch", "triton")

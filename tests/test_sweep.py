@@ -18,12 +18,15 @@ from mergekit.merge_methods.api import merge_state_dicts
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
+from hf_mergelaw.errors import SweepConfigError
 from hf_mergelaw.experts import ExpertPool
-from hf_mergelaw.methods import MethodSpec
-from hf_mergelaw.results import ResultsFile
-from hf_mergelaw.sweep import plan_jobs, records_by_domain, run_sweep
-from hf_mergelaw.sweep_config import SweepConfigError, load_sweep_config, parse_sweep_config
-from tests.tiny_models import SENTENCES, save_family, save_model, tiny_llama_config, write_jsonl
+from hf_mergelaw.record_schema import records_by_domain
+from hf_mergelaw.record_store import RecordStore
+from hf_mergelaw.sweep import plan_jobs, run_sweep
+from hf_mergelaw.sweep_config import load_sweep_config, parse_sweep_config
+from hf_mergelaw.sweep_methods import MethodSpec
+from hf_mergelaw.testing import save_model, tiny_llama_config
+from tests.tiny_models import SENTENCES, save_family, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +62,7 @@ def _sweep_yaml(tmp_path: Path, family, **overrides: object) -> Path:
 def test_sweep_writes_one_complete_record_per_merged_model(tmp_path, family) -> None:
     config = load_sweep_config(_sweep_yaml(tmp_path, family))
     summary = run_sweep(config, progress=False)
-    records = list(ResultsFile(config.output))
+    records = list(RecordStore(config.output))
     # C(4,1) + C(4,2) + C(4,3) subsets for each of the two methods.
     assert summary.planned == summary.written == len(records) == 2 * (4 + 6 + 4)
     keys = {(r["method"], tuple(r["subset"])) for r in records}
@@ -128,7 +131,7 @@ def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> No
     assert 5 <= interrupted < 30, "the kill should land mid-sweep"
 
     summary = run_sweep(load_sweep_config(config_path), progress=False)
-    records = list(ResultsFile(output))
+    records = list(RecordStore(output))
     assert summary.skipped == interrupted
     assert len(records) == summary.planned == 30
     assert len({(r["method"], tuple(r["subset"])) for r in records}) == 30
@@ -137,10 +140,10 @@ def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> No
 def test_partial_last_line_from_a_crash_is_dropped(tmp_path) -> None:
     path = tmp_path / "results.jsonl"
     path.write_text('{"k": 1, "ce": 2.0}\n{"k": 2, "c')
-    results = ResultsFile(path)
+    results = RecordStore(path)
     assert list(results) == [{"k": 1, "ce": 2.0}]
     results.append({"k": 2, "ce": 1.9})
-    assert [r["k"] for r in ResultsFile(path)] == [1, 2]
+    assert [r["k"] for r in RecordStore(path)] == [1, 2]
 
 
 def test_lora_adapter_joins_the_pool_as_its_densified_update(tmp_path, family) -> None:
@@ -274,7 +277,7 @@ def test_two_torchrun_processes_share_one_sweep(tmp_path, family) -> None:
     written_per_rank = sorted(int(n) for n in re.findall(r'"written": (\d+)', result.stdout))
     assert written_per_rank == [10, 10]  # each rank half of 2 methods x (4 + 6) subsets
     output = load_sweep_config(config_path).output
-    records = list(ResultsFile(output))
+    records = list(RecordStore(output))
     assert len({(r["method"], tuple(r["subset"])) for r in records}) == len(records) == 20
     assert not list(output.parent.glob("*.rank-*"))
 

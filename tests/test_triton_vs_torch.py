@@ -22,7 +22,7 @@ import torch
 
 from triton_ops import dare_merge, task_arithmetic, ties_merge
 from triton_ops.inputs import KEY_BITS
-from triton_ops.reference import magnitude_key, magnitude_threshold
+from triton_ops.selection import magnitude_key, magnitude_threshold
 from triton_ops.ties import BLOCK
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

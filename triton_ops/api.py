@@ -34,9 +34,9 @@ def ties_merge(
 ) -> torch.Tensor:
     """TIES: trim each delta to its top-density magnitudes, elect signs, average the agreeing.
 
-    Matches mergekit's `ties` (numerics.md): exactly `max(1, int(density * numel))` entries kept
-    per expert (ties at the threshold: lowest index first), sign elected from the sum of weighted
-    trimmed deltas, disjoint weighted mean when `normalize`, fp32 accumulation.
+    Matches mergekit's `ties` (docs/numerics.md): exactly `max(1, int(density * numel))` entries
+    kept per expert (ties at the threshold: lowest index first), sign elected from the sum of
+    weighted trimmed deltas, disjoint weighted mean when `normalize`, fp32 accumulation.
 
     >>> merged = ties_merge(base, [e1, e2, e3], weights=[1, 1, 1], densities=[0.2] * 3)
     """
@@ -79,8 +79,8 @@ def dare_merge(
         normalize=normalize,
         rescale=check_rescale(rescale),
         lambda_=check_lambda(lambda_),
-        seed=check_seed("seed", seed),
-        stream=check_seed("stream", stream),
+        seed=check_seed(seed),
+        stream=check_seed(stream, "stream"),
     )
     if use_triton(backend, inputs):
         from .dare import dare_merge_triton

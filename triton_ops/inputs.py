@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,13 +71,10 @@ def prepare_inputs(
     weights = _per_expert_floats("weights", weights, k)
     if densities is None:
         densities = (1.0,) * k
-    densities = _per_expert_floats("densities", densities, k)
-    for index, density in enumerate(densities):
-        if not 0.0 < density <= 1.0:
-            raise ValueError(
-                f"density of expert {index} is {density}; it must be in (0, 1]. "
-                "Use 1.0 to keep every entry of the delta."
-            )
+    densities = tuple(
+        check_density(d, f"density of expert {i}")
+        for i, d in enumerate(_per_expert_floats("densities", densities, k))
+    )
     return MergeInputs(
         base=base.reshape(-1).contiguous(),
         experts=tuple(e.reshape(-1).contiguous() for e in expert_list),
@@ -86,32 +85,37 @@ def prepare_inputs(
     )
 
 
-def check_lambda(lambda_: float) -> float:
-    if not math.isfinite(lambda_):
-        raise ValueError(f"lambda_ is {lambda_}; it must be finite (1.0 leaves deltas unscaled).")
-    return float(lambda_)
+def check_density(value: object, what: str = "density") -> float:
+    """A keep fraction: a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} is {value!r}; it must be in (0, 1]. Use 1.0 to keep every entry.")
+    return float(value)
 
 
-def check_rescale(rescale: str | None) -> str | None:
-    if rescale not in RESCALE_MODES:
+def check_lambda(value: object, what: str = "lambda_") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}; it must be finite (1.0 leaves deltas unscaled).")
+    return float(value)
+
+
+def check_rescale(value: object, what: str = "rescale") -> str | None:
+    if value not in RESCALE_MODES:
         raise ValueError(
-            f"rescale={rescale!r} is not supported; use 'l1' (mergekit's L1-norm matching), "
+            f"{what}={value!r} is not supported; use 'l1' (mergekit's L1-norm matching), "
             "'inverse' (1/density, as in the DARE paper) or None."
         )
-    return rescale
-
-
-def check_seed(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
-        raise ValueError(f"{name}={value!r} must be an integer in [0, 2**63).")
     return value
 
 
-def kept_count(density: float, numel: int) -> int:
-    """Entries a magnitude trim keeps, exactly as mergekit counts them (`int()` truncates)."""
-    if density >= 1.0:
-        return numel
-    return max(1, int(density * numel))
+def check_seed(value: object, what: str = "seed") -> int:
+    """An integer in [0, 2**63): Python ints and numpy integers, never bools."""
+    try:
+        seed = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        seed = None
+    if seed is None or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{what}={value!r} must be an integer in [0, 2**63).")
+    return seed
 
 
 def raise_for_nonfinite(base: torch.Tensor, counts: Sequence[int]) -> None:

@@ -1,15 +1,14 @@
 """Fused task arithmetic and the paper's Average: one pass, base + lambda * sum_i w_i delta_i.
 
-It is DARE-linear with nothing dropped and no rescale, so it runs dare.py's merge kernel with the
-drop compiled out.
+The shared merge pass with nothing dropped and no consensus.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dare import launch_merge
 from .inputs import MergeInputs
+from .merge_pass import launch_merge
 
 
 def task_arithmetic_triton(inputs: MergeInputs, *, normalize: bool, lambda_: float) -> torch.Tensor:

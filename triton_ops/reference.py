@@ -1,4 +1,4 @@
-"""Torch reference of the merges in numerics.md; also the CPU path.
+"""Torch reference of the merges in docs/numerics.md; also the CPU path.
 
 It computes exactly what the kernels compute, in the same order: deltas rounded to the compute
 dtype, fp32 accumulation over experts in index order, one rounding at the end. Memory stays lean:
@@ -11,34 +11,21 @@ digits), O(numel) per expert, with ties at the threshold kept lowest index first
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
-from .inputs import KEY_BITS, NONFINITE_KEY, MergeInputs, kept_count, raise_for_nonfinite
+from .inputs import KEY_BITS, NONFINITE_KEY, MergeInputs, raise_for_nonfinite
 from .philox import expert_key, keep_threshold, philox_uniform32
+from .scales import dare_factors, linear_divisor
+from .selection import (
+    MagnitudeThreshold,
+    kept_count,
+    magnitude_keep,
+    magnitude_key,
+    radix_select,
+)
 
 CHUNK = 1 << 18
-_DIGIT_BITS = 16
-_RESCALE_EPS = 1e-7
-_DIVISOR_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class MagnitudeThreshold:
-    """Keep |delta| keys above `key`, plus the first `ties_kept` entries equal to it."""
-
-    key: int
-    ties_kept: int
-    ties_total: int
-
-    @classmethod
-    def keep_all(cls) -> MagnitudeThreshold:
-        return cls(key=-1, ties_kept=0, ties_total=0)
-
-    @property
-    def breaks_ties(self) -> bool:
-        return self.ties_kept < self.ties_total
 
 
 def ties_merge_torch(inputs: MergeInputs, *, normalize: bool, lambda_: float) -> torch.Tensor:
@@ -126,18 +113,6 @@ def weighted_merge_torch(
     return out
 
 
-def magnitude_key(delta: torch.Tensor) -> torch.Tensor:
-    """|delta|'s bit pattern as a non-negative integer tensor (int16 or int32)."""
-    if delta.dtype == torch.float32:
-        return delta.view(torch.int32) & 0x7FFFFFFF
-    return delta.view(torch.int16) & 0x7FFF
-
-
-def magnitude_threshold(key: torch.Tensor, k: int, key_bits: int) -> MagnitudeThreshold:
-    """Radix-select the k-th largest key (1 <= k <= key.numel()) of one in-memory key tensor."""
-    return radix_select(lambda: iter((key,)), k, key_bits)
-
-
 def magnitude_threshold_chunked(inputs: MergeInputs, index: int, k: int) -> MagnitudeThreshold:
     """The k-th largest |delta| of one expert, streamed in chunks; also its finiteness check."""
     dtype = inputs.base.dtype
@@ -153,68 +128,6 @@ def magnitude_threshold_chunked(inputs: MergeInputs, index: int, k: int) -> Magn
         _raise_expert_nonfinite(inputs, index, int(counts[NONFINITE_KEY[dtype] >> shift :].sum()))
 
     return radix_select(keys, k, KEY_BITS[dtype], check_top_digit)
-
-
-def dare_factors(
-    weights: tuple[float, ...],
-    densities: tuple[float, ...],
-    rescale: str | None,
-    l1_sums: list[tuple[float, float]] | None,
-) -> list[float]:
-    """Per-expert multiplier of a kept delta: weight times the rescale factor."""
-    factors = []
-    for i, (weight, density) in enumerate(zip(weights, densities, strict=True)):
-        scale = 1.0
-        if rescale == "inverse" and density < 1.0:
-            scale = 1.0 / density
-        elif rescale == "l1" and l1_sums is not None:
-            before, after = l1_sums[i]
-            if before >= _RESCALE_EPS and after >= _RESCALE_EPS:
-                scale = before / after
-        factors.append(weight * scale)
-    return factors
-
-
-def linear_divisor(weights: tuple[float, ...]) -> float:
-    divisor = sum(weights)
-    return 1.0 if abs(divisor) < _DIVISOR_EPS else divisor
-
-
-def radix_select(keys, k: int, key_bits: int, check_top_digit=None) -> MagnitudeThreshold:
-    """Most significant 16-bit digit first: histogram the candidates, pick the digit holding the
-    k-th largest, keep only that digit's entries as candidates for the next digit."""
-    remaining, prefix, high = k, 0, key_bits
-    while high > 0:
-        shift = max(0, high - _DIGIT_BITS)
-        width = high - shift
-        counts = None
-        for key in keys():
-            in_prefix = (key >> high) == prefix if high < key_bits else None
-            digits = (key >> shift) & ((1 << width) - 1)
-            if in_prefix is not None:
-                digits = digits[in_prefix]
-            histogram = torch.bincount(digits, minlength=1 << width)
-            counts = histogram if counts is None else counts + histogram
-        if check_top_digit is not None and high == key_bits:
-            check_top_digit(counts, shift)
-        at_or_above = counts.flip(0).cumsum(0)
-        position = int(torch.searchsorted(at_or_above, remaining))
-        digit = (1 << width) - 1 - position
-        remaining -= int(at_or_above[position]) - int(counts[digit])
-        prefix = (prefix << width) | digit
-        high = shift
-    return MagnitudeThreshold(key=prefix, ties_kept=remaining, ties_total=int(counts[digit]))
-
-
-def magnitude_keep(
-    key: torch.Tensor, threshold: MagnitudeThreshold, ties_before: int
-) -> tuple[torch.Tensor, int]:
-    """Keep mask of one chunk and the number of threshold ties in it."""
-    if not threshold.breaks_ties:
-        return key >= threshold.key, 0
-    ties = key == threshold.key
-    rank = torch.cumsum(ties, 0, dtype=torch.int64) - ties.long() + ties_before
-    return (key > threshold.key) | (ties & (rank < threshold.ties_kept)), int(ties.sum())
 
 
 def _consensus_merge(

@@ -26,21 +26,21 @@ from .inputs import (
     KEY_BITS,
     NONFINITE_KEY,
     SUPPORTED_DTYPES,
+    check_density,
     check_lambda,
     check_rescale,
     check_seed,
-    kept_count,
     prepare_inputs,
 )
 from .philox import expert_key, keep_threshold, philox_uniform32
-from .reference import (
-    CHUNK,
+from .reference import CHUNK, weighted_merge_torch
+from .scales import dare_factors
+from .selection import (
     MagnitudeThreshold,
-    dare_factors,
+    kept_count,
     magnitude_keep,
     magnitude_key,
     radix_select,
-    weighted_merge_torch,
 )
 
 
@@ -84,7 +84,7 @@ def drop(
     """
     flat = _flat_task_vector(task_vector, density)
     check_rescale(rescale)
-    key = expert_key(check_seed("seed", seed), check_seed("stream", stream), expert_index)
+    key = expert_key(check_seed(seed), check_seed(stream, "stream"), expert_index)
     threshold = keep_threshold(density)
     dropped = torch.empty_like(flat)
     before = after = 0.0
@@ -127,7 +127,7 @@ def merge_task_vectors(
     factors = [w * s for w, s in zip(inputs.weights, scales, strict=True)]
     options = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     if use_triton(backend, inputs):
-        from .dare import launch_merge
+        from .merge_pass import launch_merge
 
         with kernel_device(inputs):
             return launch_merge(
@@ -151,8 +151,7 @@ def _flat_task_vector(task_vector: torch.Tensor, density: float) -> torch.Tensor
             "a task vector must be a float32, bfloat16 or float16 tensor (expert - base in the "
             "compute dtype)."
         )
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density is {density}; it must be in (0, 1] (1.0 keeps everything).")
+    check_density(density)
     return task_vector.reshape(-1).contiguous()
 
 

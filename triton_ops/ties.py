@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .inputs import KEY_BITS, NONFINITE_KEY, MergeInputs, kept_count, raise_for_nonfinite
+from .inputs import KEY_BITS, NONFINITE_KEY, MergeInputs, raise_for_nonfinite
 from .kernel_utils import (
     accumulate_signed,
     block_offsets,
@@ -31,6 +31,7 @@ from .kernel_utils import (
     merge_grid,
     store_merged,
 )
+from .selection import kept_count
 
 BLOCK = 2048
 NUM_WARPS = 8

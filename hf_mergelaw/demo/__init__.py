@@ -6,24 +6,21 @@
 
 Modules: ``corpus`` (the domains: parts of the Python standard library), ``tokenizer``,
 ``training`` (a small Llama and its training loop), ``pool`` (build once, cache), ``run`` (sweep,
-fit, plan), ``science`` (the paper's findings, measured), ``figures``, ``report``, ``cli``.
+fit, plan), ``science`` (the paper's findings, measured), ``figures``, ``report``. The command is
+:mod:`hf_mergelaw.cli.demo`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DemoResult", "add_demo_arguments", "demo_command", "register", "run_demo"]
+__all__ = ["DemoResult", "run_demo"]
 
 
 def __getattr__(name: str) -> Any:
-    # run_demo pulls in torch and transformers; the CLI imports this package just to register.
-    if name in ("DemoResult", "run_demo"):
+    # run_demo pulls in torch and transformers; the CLI imports this package for its settings.
+    if name in __all__:
         from . import run
 
         return getattr(run, name)
-    if name in ("add_demo_arguments", "demo_command", "register"):
-        from . import cli
-
-        return getattr(cli, name)
     raise AttributeError(f"module 'hf_mergelaw.demo' has no attribute {name!r}")

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_mergelaw.errors import DemoError
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -109,7 +111,7 @@ def split_files(sizes: Mapping[str, int], held_out_fraction: float) -> tuple[lis
     (the same on every machine, unrelated to the alphabet) go to held-out until it holds
     ``held_out_fraction`` of the characters; at least one file on each side."""
     if len(sizes) < 2:
-        raise ValueError(
+        raise DemoError(
             f"a domain needs at least two files to hold one out, got {len(sizes)}: {list(sizes)}"
         )
     ordered = sorted(sizes, key=lambda f: hashlib.sha256(f.encode()).hexdigest())
@@ -132,7 +134,7 @@ def load_corpus(
     """Read each domain's files, split them, and cap each split's size.
 
     Raises:
-        ValueError: a domain has fewer than two files on this interpreter.
+        DemoError: a domain has fewer than two files on this interpreter.
     """
     root = stdlib_root() if root is None else root
     texts = []
@@ -157,7 +159,7 @@ def eval_chunks(texts: Sequence[str], count: int, chunk_chars: int) -> list[str]
     across ``texts`` (not just the first file's license header and imports)."""
     pieces = [p for text in texts for p in _cut_lines(text, chunk_chars)]
     if len(pieces) < count:
-        raise ValueError(
+        raise DemoError(
             f"held-out text gives {len(pieces)} pieces of {chunk_chars} characters, fewer than "
             f"the {count} asked for; raise max_held_out_chars or lower eval_sequences."
         )

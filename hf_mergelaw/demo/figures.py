@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from hf_mergelaw.files import write_atomic
 from hf_mergelaw.law import FitReport, load_records
 from hf_mergelaw.law.plotting import plot_sweep
-from hf_mergelaw.law.result import write_atomic
+from hf_mergelaw.record_schema import CROSS_DOMAIN
 
-from .science import CROSS_DOMAIN, ScienceCheck, finite_pool_sd
+from .science import ScienceCheck, finite_pool_sd
 
 _DPI = 130
 

@@ -12,7 +12,6 @@ keeps its finished pieces and resumes with the next one; a pool with ``pool.json
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hf_mergelaw.law.result import write_atomic
+from hf_mergelaw.files import read_json, write_json
 
 from .corpus import Corpus
 from .settings import PoolSettings, digest
@@ -68,8 +67,8 @@ def build_or_load_pool(
     built = not manifest_path.exists()
     if built:
         manifest = build_pool(settings, corpus, root, progress=progress)
-        write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    manifest = json.loads(manifest_path.read_text())
+        write_json(manifest_path, manifest)
+    manifest = read_json(manifest_path, "demo pool manifest")
     return DemoPool(
         root=root,
         base_dir=root / "base",
@@ -171,10 +170,10 @@ def _saved_model(
         def save(folder: Path) -> None:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-            (folder / _TRAIN_LOG).write_text(json.dumps(asdict(log)) + "\n")
+            write_json(folder / _TRAIN_LOG, asdict(log))
 
         _save_atomically(path, save)
-    return TrainLog(**json.loads((path / _TRAIN_LOG).read_text()))
+    return TrainLog(**read_json(path / _TRAIN_LOG, "demo training log"))
 
 
 def _save_atomically(path: Path, save: Callable[[Path], Any]) -> None:

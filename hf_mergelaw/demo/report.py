@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_mergelaw.law import FitReport, FitResult, Plan
+from hf_mergelaw.record_schema import CROSS_DOMAIN
 
 from .corpus import DOMAINS
-from .science import CROSS_DOMAIN, R2_THRESHOLD, ScienceCheck
+from .science import R2_THRESHOLD, ScienceCheck
 from .settings import QUICK, TARGET_ABOVE_FLOOR, DemoSettings
 
 
@@ -40,12 +41,6 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
 
-def _experts(value: int | None) -> str:
-    if value is None:
-        return "no number of experts (the target is at or below the floor)"
-    return f"{value} expert{'' if value == 1 else 's'}"
-
-
 def _ce(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -65,14 +60,6 @@ def fit_rows(fits: Sequence[FitResult]) -> list[tuple[str, str, float, float, fl
         )
         for f in ordered
     ]
-
-
-def plan_line(method: str, p: Plan) -> str:
-    return (
-        f"{method}: floor L_inf {p.L_inf:.4f}; target {p.target_loss:.4f} takes "
-        f"{_experts(p.k_for_target)}; stop at k={p.k_stop} (the next expert gains < "
-        f"{p.min_gain:g} nats); k90={p.k90} of the k=1->{p.k_max} gain"
-    )
 
 
 def verdict_lines(check: ScienceCheck, settings: DemoSettings) -> list[str]:
@@ -110,7 +97,8 @@ def console_summary(inputs: ReportInputs) -> str:
     for method, curve, floor, a, b, r2, _ in fit_rows(inputs.fits.fits):
         lines.append(f"  {method:<12}{curve:<17}{floor:>8.4f}{a:>8.4f}{b:>7.3f}{r2:>8.4f}")
     lines += ["", "Plan (cross-domain):"]
-    lines += [f"  {plan_line(method, p)}" for method, p in inputs.plans.items()]
+    for method, p in inputs.plans.items():
+        lines += [f"  {method}:", *(f"    {line}" for line in p.describe())]
     lines += ["", "Science check (cross-domain):"]
     for m in inputs.check.methods:
         first, last = m.spread_points[0], m.spread_points[-1]
@@ -216,21 +204,10 @@ def render_report(inputs: ReportInputs) -> str:
             f"| {method} | {curve} | {floor:.4f} | {a:.4f} | {b:.3f} | {r2:.4f} | {rmse:.2g} |"
         )
     out += ["", "## Plan (cross-domain)", ""]
+    if inputs.default_target:
+        out += [f"Each target loss is {TARGET_ABOVE_FLOOR:.0%} above its method's floor.", ""]
     for method, p in inputs.plans.items():
-        tp = p.three_point
-        forecast = (
-            ""
-            if tp is None or tp.observed is None
-            else f"; the three-point recipe (k = 1, 2, 4) forecasts {tp.forecast:.4f} at "
-            f"k={tp.k}, observed {tp.observed:.4f} ({tp.rel_error:.2%} off)"
-        )
-        target = f" ({TARGET_ABOVE_FLOOR:.0%} above the floor)" if inputs.default_target else ""
-        out.append(
-            f"- **{method}**: floor L_inf = {p.L_inf:.4f}. A target loss of "
-            f"{p.target_loss:.4f}{target} takes {_experts(p.k_for_target)}. Stop rule: "
-            f"stop at k = {p.k_stop}, where the next expert gains less than {p.min_gain:g} "
-            f"nats. k90 = {p.k90} (90% of the k=1→{p.k_max} gain){forecast}."
-        )
+        out += [f"- **{method}**", *(f"  - {line}" for line in p.describe())]
     out += [
         "",
         "## The pool",

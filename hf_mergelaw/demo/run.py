@@ -14,7 +14,6 @@ with; a folder holding another size's records is refused rather than mixed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,24 +25,22 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_mergelaw.cross_entropy import CrossEntropy, EvalSet, build_eval_set, cross_entropy
+from hf_mergelaw.errors import DemoError
 from hf_mergelaw.experts import ExpertPool
+from hf_mergelaw.files import read_json, write_atomic, write_json
 from hf_mergelaw.law import FitReport, Plan, fit_sweep, plan
-from hf_mergelaw.law.result import json_safe, write_atomic
-from hf_mergelaw.methods import MethodSpec
-from hf_mergelaw.results import ResultsFile
-from hf_mergelaw.sweep import SweepSummary, records_by_domain, sweep_pool
+from hf_mergelaw.record_schema import CROSS_DOMAIN, records_by_domain
+from hf_mergelaw.record_store import RecordStore
+from hf_mergelaw.sweep import SweepSummary, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig
+from hf_mergelaw.sweep_methods import MethodSpec
 
 from .corpus import DOMAINS, Corpus, eval_chunks, load_corpus
 from .figures import draw_figures
 from .pool import DemoPool, build_or_load_pool, default_cache_dir
 from .report import ReportInputs, console_summary, render_report
-from .science import CROSS_DOMAIN, ScienceCheck, check_science
+from .science import ScienceCheck, check_science
 from .settings import DEFAULT_MIN_GAIN, FULL, QUICK, TARGET_ABOVE_FLOOR, DemoSettings
-
-
-class DemoError(Exception):
-    """A demo that cannot run as asked (the message says what to change)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ def run_demo(
         timings["sweep"] = _lap(start, timings)
 
     stages = tqdm(total=3, desc="fit, plan, figures", disable=not progress, dynamic_ncols=True)
-    rows = records_by_domain(list(ResultsFile(records_path)))
+    rows = records_by_domain(list(RecordStore(records_path)))
     fits = fit_sweep(
         rows,
         form="per-size",
@@ -122,8 +119,8 @@ def run_demo(
     check = check_science(rows, fits)
     paths = {name: output_dir / f"{name}.json" for name in ("fit", "plan", "science")}
     fits.save(paths["fit"])
-    write_atomic(paths["plan"], _json({m: p.to_dict() for m, p in plans.items()}))
-    write_atomic(paths["science"], _json(check.to_dict()))
+    write_json(paths["plan"], {m: p.to_dict() for m, p in plans.items()})
+    write_json(paths["science"], check.to_dict())
     stages.update()
     timings["fit + plan"] = _lap(start, timings)
     figures = draw_figures(
@@ -270,7 +267,7 @@ def _claim_output(output_dir: Path, settings: DemoSettings) -> None:
     stamp = output_dir / "run.json"
     wanted = {"settings": settings.describe(), "fingerprint": settings.fingerprint()}
     if stamp.exists():
-        found = json.loads(stamp.read_text())
+        found = read_json(stamp, "demo stamp")
         if found.get("fingerprint") != wanted["fingerprint"]:
             raise DemoError(
                 f"{output_dir} holds records of a demo run with other settings "
@@ -282,13 +279,7 @@ def _claim_output(output_dir: Path, settings: DemoSettings) -> None:
         raise DemoError(
             f"{output_dir} holds a records.jsonl that no demo run wrote; use another output folder."
         )
-    write_atomic(
-        stamp, _json({**wanted, "pool": asdict(settings.pool), "sweep": asdict(settings.sweep)})
-    )
-
-
-def _json(data: Any) -> str:
-    return json.dumps(json_safe(data), indent=1) + "\n"
+    write_json(stamp, {**wanted, "pool": asdict(settings.pool), "sweep": asdict(settings.sweep)})
 
 
 def _lap(start: float, timings: dict[str, float] | None = None) -> float:

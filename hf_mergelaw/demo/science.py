@@ -5,7 +5,7 @@
     check.passed, check.methods[0].r2, check.methods[0].spread
 
 Spread reference: for equal-weight merges of k experts drawn without replacement from a pool of M,
-the quadratic model of ``shared/spec/law.md`` section 3 gives ``Var ~ (M-k) / (k (M-1))``: 1/k
+the quadratic model of ``docs/law.md`` section 3 gives ``Var ~ (M-k) / (k (M-1))``: 1/k
 for a large pool, and zero at k = M (there is one subset).
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from hf_mergelaw.law import FitReport
+from hf_mergelaw.record_schema import CROSS_DOMAIN
 
-CROSS_DOMAIN = "macro"
 R2_THRESHOLD = 0.95
 
 

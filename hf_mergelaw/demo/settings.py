@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from hf_mergelaw.errors import DemoError
+
 from .corpus import DOMAINS
 
 # The plan's defaults: the stop rule's smallest worthwhile gain per added expert (nats), and the
@@ -81,7 +83,7 @@ class DemoSettings:
         if subsets == "all":
             return replace(self, sweep=replace(self.sweep, strategy="all"))
         if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 2:
-            raise ValueError(
+            raise DemoError(
                 f"subsets={subsets!r}: give a count of at least 2 (a spread needs two) or 'all'."
             )
         return replace(self, sweep=replace(self.sweep, strategy="balanced", per_k=subsets))

@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hf_mergelaw.errors import DemoError
+
 from .settings import PoolSettings
 
 _WARMUP_FRACTION = 0.1
@@ -75,7 +77,7 @@ def sample_windows(
     for index in which.tolist():
         stream = streams[index]
         if stream.numel() <= seq_len:
-            raise ValueError(
+            raise DemoError(
                 f"a token stream of {stream.numel()} tokens is too short for windows of "
                 f"{seq_len}; raise max_train_chars or lower seq_len."
             )

@@ -8,22 +8,15 @@ Quick start::
     fit.predict(N=72, k=range(1, 10))
     plan(fit, N=72, target_loss=0.45, min_gain=0.002)
 
-See ``shared/spec/law.md`` for the forms and the planning formulas.
+``docs/law.md`` states the forms (section 2), the fitting practice (section 4) and the planning
+formulas (section 5). Built-in laws are in :mod:`hf_mergelaw.law.laws`, the paper's tables in
+:mod:`hf_mergelaw.law.paper`, synthetic sweeps in :mod:`hf_mergelaw.law.synthetic`.
 """
 
-from .errors import FitError, FormulaError, LawError, PlanningError, RecordsError
+from ..errors import LawError
+from .fit_result import FitReport, FitResult, Prediction
 from .fitting import fit_law, fit_sweep
-from .laws import (
-    BUILTIN_LAWS,
-    FREE_EXPONENT,
-    JOINT,
-    PER_SIZE,
-    VARIANCE,
-    VARIANCE_PER_SIZE,
-    Law,
-    Param,
-    get_law,
-)
+from .laws import Law, get_law
 from .planning import (
     CostModel,
     Plan,
@@ -39,29 +32,16 @@ from .planning import (
     size_vs_experts,
     three_point_recipe,
 )
-from .records import CellTable, SweepRecords, load_records, make_cells
-from .result import FitReport, FitResult, Prediction
+from .records import SweepRecords, load_records
 
 __all__ = [
-    "BUILTIN_LAWS",
-    "FREE_EXPONENT",
-    "JOINT",
-    "PER_SIZE",
-    "VARIANCE",
-    "VARIANCE_PER_SIZE",
-    "CellTable",
     "CostModel",
-    "FitError",
     "FitReport",
     "FitResult",
-    "FormulaError",
     "Law",
     "LawError",
-    "Param",
     "Plan",
-    "PlanningError",
     "Prediction",
-    "RecordsError",
     "SweepRecords",
     "ThreePointForecast",
     "Tradeoff",
@@ -74,7 +54,6 @@ __all__ = [
     "k_for_target",
     "k_stop",
     "load_records",
-    "make_cells",
     "marginal_gain",
     "plan",
     "size_vs_experts",

@@ -1,6 +1,6 @@
 """Fitting laws to sweep records: weighted, bounded, multi-start least squares with a bootstrap.
 
-Practice follows ``shared/spec/law.md`` section 4: the points are per-(N, k) subset means, weights
+Practice follows ``docs/law.md`` section 4: the points are per-(N, k) subset means, weights
 are proportional to k (``sigma = 1/sqrt(k)``) because the subset variance falls like 1/k, all
 exponents and offsets are bounded below by 0, and several starts are refined with scipy's
 trust-region-reflective least squares, keeping the best.
@@ -35,10 +35,11 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import least_squares
 
-from .errors import FitError, LawError
+from ..errors import FitError, LawError
+from .fit_result import Bootstrap, FitReport, FitResult, FittedCells
 from .laws import Bound, Law, Param, get_law, variance_companion
-from .records import CellTable, RecordSource, SweepRecords, load_records, make_cells
-from .result import Bootstrap, FitReport, FitResult, FittedCells, numeric_or_exact_jacobian, z_value
+from .records import CellTable, RecordSource, SweepRecords, at_size, load_records, make_cells
+from .uncertainty import numeric_or_exact_jacobian, z_value
 
 Weights = Literal["k", "none", "inverse-variance"]
 Loss = Literal["linear", "huber"]
@@ -443,7 +444,7 @@ def _single_merge_variance(cells: CellTable) -> np.ndarray:
     overall = float(np.median(scaled[known])) if known.any() else 0.0
     out = np.empty(len(cells))
     for j in range(len(cells)):
-        same = known & ((cells.N[j] == cells.N) | (np.isnan(cells.N) & np.isnan(cells.N[j])))
+        same = known & at_size(cells.N, cells.N[j])
         c = float(np.median(scaled[same])) if same.any() else overall
         out[j] = cells.var[j] if known[j] else c / cells.k[j]
     return out

@@ -1,7 +1,7 @@
 """Parametric laws for merged-model loss (and its variance) as a function of N and k.
 
 N is in billions of parameters, k is the number of merged experts. The built-in laws are the
-paper's (arXiv 2509.24244, see ``shared/spec/law.md``)::
+paper's (arXiv 2509.24244, see ``docs/law.md``)::
 
     per-size           L_inf + A / (k + b)
     joint              L_star + B * N**-beta + A0 * N**-gamma / (k + b)
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import FormulaError
+from ..errors import FormulaError
 from .formula import FUNCTIONS, compile_formula
 
 VARIABLES = ("N", "k")
@@ -44,7 +44,7 @@ EXPONENT_MAX = 3.0
 OFFSET_MAX = 5.0
 
 # The zero floors of the tail exponent and the offset are priors, and fits often land on them
-# (law.md section 4). Refits for intervals may cross them by this much; b stays above -1, so
+# (docs/law.md section 4). Refits for intervals may cross them by this much; b stays above -1, so
 # k + b > 0 at k = 1.
 PRIOR_FLOORS = ("gamma", "b", "gamma_v", "b_v")
 PRIOR_FLOOR_SLACK = 0.5

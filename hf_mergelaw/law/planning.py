@@ -1,4 +1,4 @@
-"""Planning with a fitted law (``shared/spec/law.md`` section 5).
+"""Planning with a fitted law (``docs/law.md`` section 5).
 
 Closed forms on the per-size view ``L(k) = L_inf + A / (k + b)`` (for the joint law
 ``L_inf = L_star + B N^-beta`` and ``A = A0 N^-gamma`` at the chosen N). They are vectorised:
@@ -22,20 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PlanningError
-from .result import FitResult, json_float
-from .synthetic import PAPER_SIZES
+from ..errors import PlanningError
+from ..files import json_float
+from .fit_result import FitResult
+from .paper import MERGE_SECONDS_9, PAPER_SIZES
+from .records import at_size
 
 # Guards ceil/floor against values like 4.000000000001 produced by rounding in A / gap.
 _EPS = 1e-9
-
-MERGE_SECONDS_9 = {
-    "task_arithmetic": (32, 68, 129, 244, 383, 777, 2686),
-    "average": (48, 73, 168, 265, 421, 843, 2280),
-    "dare": (30, 72, 102, 251, 420, 796, 2360),
-    "ties": (43, 77, 136, 270, 507, 961, 2967),
-}
-"""Paper's seconds per merge of 9 experts at ``PAPER_SIZES`` (law.md section 5)."""
 
 _METHOD_ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic", "avg": "average"}
 
@@ -65,8 +59,9 @@ def marginal_gain(k: Any, A: Any, b: Any) -> np.ndarray:
 def k_stop(A: Any, b: Any, tau: float) -> np.ndarray:
     """Smallest k >= 1 whose next expert gains less than ``tau``.
 
-    ``marginal_gain(k) < tau`` iff ``k > sqrt(A/tau + 1/4) - b - 1/2``; law.md writes the ceil of
-    the right side, which agrees except at exact ties, where the strict inequality needs +1.
+    ``marginal_gain(k) < tau`` iff ``k > sqrt(A/tau + 1/4) - b - 1/2``; docs/law.md writes the
+    ceil of the right side, which agrees except at exact ties, where the strict inequality
+    needs +1.
     """
     if not tau > 0:
         raise PlanningError(f"the minimum gain must be positive, got {tau}")
@@ -75,7 +70,7 @@ def k_stop(A: Any, b: Any, tau: float) -> np.ndarray:
 
 
 def gain_fraction(k: Any, b: Any, k_max: int = 9) -> np.ndarray:
-    """Share of the k=1 -> ``k_max`` loss drop reached at k (``R(k)`` in law.md)."""
+    """Share of the k=1 -> ``k_max`` loss drop reached at k (``R(k)`` in docs/law.md)."""
     k = np.asarray(k, dtype=float)
     return (1 / (1 + b) - 1 / (k + b)) / (1 / (1 + b) - 1 / (k_max + b))
 
@@ -138,8 +133,9 @@ def _three_point_arrays(y1: Any, y2: Any, y4: Any) -> tuple[np.ndarray, ...]:
 def three_point_recipe(y1: float, y2: float, y4: float, k: int = 9) -> ThreePointForecast:
     """Fit ``L_inf, A, b`` on the mean losses at k = 1, 2, 4 and forecast k.
 
-    Exact solve (law.md): ``r = (y1-y2)/(y2-y4)``, ``b = (4-2r)/(2r-1)``, clamped at 0 with a
-    weighted refit if negative; ``A = (y1-y2)(1+b)(2+b)``, ``L_inf = y1 - A/(1+b)``.
+    Exact solve (docs/law.md section 5): ``r = (y1-y2)/(y2-y4)``, ``b = (4-2r)/(2r-1)``,
+    clamped at 0 with a weighted refit if negative; ``A = (y1-y2)(1+b)(2+b)``,
+    ``L_inf = y1 - A/(1+b)``.
 
     >>> f = three_point_recipe(0.5 + 0.1 / 1.5, 0.5 + 0.1 / 2.5, 0.5 + 0.1 / 4.5)
     >>> round(f.b, 6), round(f.forecast, 6)
@@ -194,6 +190,55 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> list[str]:
+        """The answers as lines of text, one per question; the CLI and the demo print these."""
+        lines = [f"floor L_inf {self.L_inf:.4g}, tail A {self.A:.4g}, b {self.b:.3g}"]
+        if self.target_loss is not None:
+            value = "unreachable (at or below the floor)"
+            if self.k_for_target is not None:
+                value = _experts(self.k_for_target)
+            ci = _ci_text(self.k_for_target_ci)
+            lines.append(f"loss {self.target_loss:.4g} takes {value}{ci}")
+        if self.eps is not None:
+            ci = _ci_text(self.k_eps_ci)
+            lines.append(f"within {self.eps:g} of the floor: {_experts(self.k_eps)}{ci}")
+        if self.min_gain is not None:
+            lines.append(
+                f"stop at k={self.k_stop}{_ci_text(self.k_stop_ci)} (the next expert gains "
+                f"< {self.min_gain:g})"
+            )
+        lines.append(
+            f"k80 {self.k80}{_ci_text(self.k80_ci)}, k90 {self.k90}{_ci_text(self.k90_ci)} "
+            f"(of the k=1->{self.k_max} gain)"
+        )
+        tp = self.three_point
+        if tp is not None:
+            ci = (
+                ""
+                if tp.forecast_ci is None
+                else f" [{tp.forecast_ci[0]:.4g}, {tp.forecast_ci[1]:.4g}]"
+            )
+            seen = (
+                ""
+                if tp.observed is None
+                else f", observed {tp.observed:.4g} ({tp.rel_error:.2%} off)"
+            )
+            lines.append(
+                f"three-point forecast at k={tp.k} (from k = 1, 2, 4): {tp.forecast:.4g}{ci}{seen}"
+            )
+        return lines + [f"note: {note}" for note in self.notes]
+
+
+def _experts(k: int | None) -> str:
+    return "-" if k is None else f"{k} expert{'' if k == 1 else 's'}"
+
+
+def _ci_text(ci: tuple[int | None, int | None] | None) -> str:
+    if ci is None or ci[0] is None:  # no interval, or unreachable in every draw
+        return ""
+    lo, hi = ci
+    return f" [{lo}, {'unbounded' if hi is None else hi}]"
+
 
 def _as_int(v: float) -> int | None:
     return int(v) if np.isfinite(v) else None
@@ -218,17 +263,6 @@ def _answer(
     value = _as_int(float(func(*point, *args)))
     spread = None if draws is None else func(*draws, *args)
     return value, _interval(spread, level)
-
-
-def _plan_sizes(fit: FitResult, N: float | Sequence[float] | None) -> list[float | None]:
-    own = fit.group.get("N")
-    if "N" not in fit.law.variables:
-        if N is not None and own is not None and not np.allclose(N, own):
-            return []
-        return [own]
-    if N is None:
-        return [float(s) for s in fit.sizes]
-    return [float(v) for v in np.atleast_1d(N)]
 
 
 def plan(
@@ -264,7 +298,7 @@ def plan(
     level = fit.level if level is None else level
     samples = fit.param_samples(seed=seed)
     plans = []
-    for size in _plan_sizes(fit, N):
+    for size in fit.sizes_for(N):
         n_arg = np.nan if size is None else size
         point = tuple(float(v) for v in fit.law.tail(fit.theta, n_arg))
         floor, a, b = point
@@ -323,8 +357,8 @@ def _three_point_for(
     """Three-point recipe on the fit's observed cell means at this size, with a Monte Carlo
     interval from each cell's standard error."""
     cells = fit.cells
-    at_size = np.isnan(cells.N) if size is None else np.isclose(cells.N, size)
-    by_k = {int(k): i for i, k in enumerate(cells.k) if at_size[i]}
+    here = at_size(cells.N, size)
+    by_k = {int(k): i for i, k in enumerate(cells.k) if here[i]}
     if fit.law.target != "mean" or not {1, 2, 4} <= set(by_k):
         return None
     idx = [by_k[1], by_k[2], by_k[4]]

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LawError
-from .records import SweepRecords, make_cells
-from .result import FitResult, write_atomic
+from ..errors import LawError
+from ..files import write_atomic
+from .fit_result import FitResult
+from .records import SweepRecords, at_size, make_cells
 
 _MAX_COLUMNS = 3
 
@@ -131,10 +132,10 @@ def _draw_group(
     k_grid = np.linspace(1, k_max, 120)
     for size in np.unique(cells.N):
         color = _color(colors, size)
-        in_size = np.isnan(recs.N) if np.isnan(size) else size == recs.N
+        in_size = at_size(recs.N, size)
         jitter = rng.uniform(-0.14, 0.14, int(in_size.sum()))
         ax.scatter(recs.k[in_size] + jitter, recs.ce[in_size], s=4, color=color, alpha=0.18, lw=0)
-        at = np.isnan(cells.N) if np.isnan(size) else size == cells.N
+        at = at_size(cells.N, size)
         ax.plot(
             cells.k[at],
             cells.mean[at],
@@ -154,7 +155,7 @@ def _draw_group(
         for edge in (pred.pi_lo, pred.pi_hi):
             ax.plot(k_grid, edge, color=color, lw=0.6, ls="--", alpha=0.45)
         fc = fit.cells
-        on = np.isnan(fc.N) if np.isnan(size) else np.isclose(fc.N, size)
+        on = at_size(fc.N, size)
         res_ax.plot(fc.k[on], fc.residuals[on], "o-", color=color, ms=3.5, lw=0.8)
     res_ax.axhline(0.0, color="0.4", lw=0.8)
     ax.set_xticks(range(1, k_max + 1))
@@ -163,10 +164,10 @@ def _draw_group(
 
 
 def _fit_for_size(fits: Sequence[FitResult], size: float) -> FitResult | None:
+    requested = None if np.isnan(size) else [float(size)]
     for fit in fits:
-        own = fit.group.get("N")
-        if "N" in fit.law.variables and not np.isnan(size):
-            return fit
-        if "N" not in fit.law.variables and (own is None or np.isclose(own, size)):
+        if "N" in fit.law.variables and requested is None:
+            continue
+        if fit.sizes_for(requested):
             return fit
     return None

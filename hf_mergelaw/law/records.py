@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RecordsError
+from ..errors import RecordsError
+from ..files import read_jsonl
 
 # A size above this is surely a raw parameter count, not billions.
 _MAX_SIZE_BILLIONS = 1e5
@@ -142,6 +143,14 @@ class CellTable:
         )
 
 
+def at_size(sizes: np.ndarray, size: float | None) -> np.ndarray:
+    """Where ``sizes`` equal ``size`` (to rounding); a missing size (None or NaN) matches NaN."""
+    sizes = np.asarray(sizes, dtype=float)
+    if size is None or np.isnan(size):
+        return np.isnan(sizes)
+    return np.isclose(sizes, size)
+
+
 def make_cells(records: SweepRecords) -> CellTable:
     """Aggregate records into cells, one per distinct (N, k), sorted by N then k."""
     n_key = np.where(np.isfinite(records.N), records.N, -1.0)
@@ -177,7 +186,7 @@ def load_records(source: RecordSource, *, strict: bool = False) -> SweepRecords:
     """
     dropped: Counter[str] = Counter()
     rows = list(_read_rows(source, dropped))
-    n_read = len(rows) + dropped["malformed JSON line"]
+    n_read = len(rows)
     if not rows and not dropped:
         raise RecordsError(f"no records in {_describe(source)}: expected objects with 'k' and 'ce'")
     records = _validate(rows, dropped, n_read)
@@ -212,10 +221,9 @@ def _read_rows(source: RecordSource, dropped: Counter[str]) -> Iterable[Mapping[
         if path.suffix.lower() == ".csv":
             with path.open(newline="") as fh:
                 return list(csv.DictReader(fh))
-        text = path.read_text()
         if path.suffix.lower() == ".json":
-            return _json_document(text, path)
-        return _json_lines(text, dropped)
+            return _json_document(path.read_text(), path)
+        return [row for _, row in read_jsonl(path)]
     if hasattr(source, "to_dict") and hasattr(source, "columns"):
         return source.to_dict("records")
     if isinstance(source, Mapping):
@@ -240,22 +248,6 @@ def _json_document(text: str, path: Path) -> list[Mapping[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(r, Mapping) for r in data):
         raise RecordsError(f"{path} must hold a list of records or {{'records': [...]}}")
     return data
-
-
-def _json_lines(text: str, dropped: Counter[str]) -> list[Mapping[str, Any]]:
-    rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, Mapping):
-            rows.append(row)
-        else:
-            dropped["malformed JSON line"] += 1
-    return rows
 
 
 def _number(value: Any) -> float | None:

@@ -1,7 +1,7 @@
 """Synthetic sweeps drawn from known law parameters, for tests, benchmarks and demos.
 
-Means come from the joint law and the per-subset scatter from the variance law, as in
-``shared/data/README.md``. Two scatter models:
+Means come from the joint law and the per-subset scatter from the variance law (the paper's tables
+ship in :mod:`hf_mergelaw.law.paper`). Two scatter models:
 
 - ``"pool"``: each size has a pool of experts with random effects, and a subset's deviation is the
   mean of its members' effects, scaled so the variance across all C(M, k) subsets equals the
@@ -12,36 +12,23 @@ Means come from the joint law and the per-subset scatter from the variance law, 
 
 Usage::
 
-    params = load_param_table("shared/data/paper_joint_fits.csv")[("average", "code")]
-    var = load_param_table("shared/data/paper_variance_fits.csv")[("average", "code")]
+    params = joint_fits()[("average", "code")]
+    var = variance_fits()[("average", "code")]
     records = synthetic_sweep(params, var, seed=0, method="average", domain="code")
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 from collections.abc import Mapping, Sequence
 from math import comb
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ..subsets import balance_subsets
 from .laws import JOINT, VARIANCE
-
-PAPER_SIZES = (0.5, 1.5, 3.0, 7.0, 14.0, 32.0, 72.0)
-"""Qwen2.5 base sizes of the paper, in billions."""
-
-
-def load_param_table(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
-    """Read a ``method,domain,<params...>`` CSV into ``{(method, domain): {name: value}}``."""
-    with Path(path).open(newline="") as fh:
-        return {
-            (row.pop("method"), row.pop("domain")): {k: float(v) for k, v in row.items()}
-            for row in csv.DictReader(fh)
-        }
+from .paper import PAPER_SIZES
 
 
 def joint_mean(params: Mapping[str, float], N: np.ndarray, k: np.ndarray) -> np.ndarray:

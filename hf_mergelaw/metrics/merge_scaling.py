@@ -19,6 +19,7 @@ import datasets
 import evaluate
 
 from hf_mergelaw.cross_entropy import build_eval_set, check_inputs, cross_entropy
+from hf_mergelaw.errors import UserError
 
 _DESCRIPTION = """\
 Next-token cross-entropy (nats per scored token, token-weighted mean over the whole set) of a
@@ -111,10 +112,10 @@ class MergeScaling(evaluate.Metric):
         device=None,
     ):
         if model is None:
-            raise ValueError("merge_scaling needs model=... (a causal LM or a path to one).")
+            raise UserError("merge_scaling needs model=... (a causal LM or a path to one).")
         if tokenizer is None:
             if not isinstance(model, (str, os.PathLike)):
-                raise ValueError(
+                raise UserError(
                     "Pass tokenizer=... with a loaded model (optional only for a path)."
                 )
             tokenizer = model

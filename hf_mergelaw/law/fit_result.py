@@ -11,33 +11,24 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
 
-from .errors import FitError, LawError
+from ..errors import FitError, LawError
+from ..files import float_from_json, json_float, json_safe, read_json, write_json
 from .laws import Law
+from .records import at_size
+from .uncertainty import numeric_or_exact_jacobian, z_value
 
 FORMAT_VERSION = 1
 # Fewer successful bootstrap replicates than this give too rough a percentile interval.
 MIN_BOOTSTRAP = 10
 
 PiSource = Literal["variance-law", "residual", "none"]
-
-
-def z_value(level: float) -> float:
-    """Two-sided normal quantile for a central interval of probability ``level``."""
-    if not 0 < level < 1:
-        raise LawError(f"interval level must lie in (0, 1), got {level}")
-    return NormalDist().inv_cdf((1 + level) / 2)
 
 
 @dataclass(frozen=True)
@@ -72,7 +63,7 @@ class FittedCells:
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> FittedCells:
         def col(name: str, dtype: type = float) -> np.ndarray:
-            return np.array([_from_json(r[name]) for r in rows], dtype=dtype)
+            return np.array([float_from_json(r[name]) for r in rows], dtype=dtype)
 
         return cls(
             col("N"), col("k", int), col("observed"), col("fitted"), col("var"), col("n", int)
@@ -196,6 +187,17 @@ class FitResult:
         """Distinct base sizes in the fitted cells (empty when the records carried none)."""
         return np.unique(self.cells.N[np.isfinite(self.cells.N)])
 
+    def sizes_for(self, requested: float | Sequence[float] | None) -> list[float | None]:
+        """The sizes this fit answers for: of ``requested`` (None: the fitted sizes), all of them
+        for a law in N; for a per-size fit, its own size if requested (None when it has none)."""
+        wanted = None if requested is None else [float(n) for n in np.atleast_1d(requested)]
+        if "N" in self.law.variables:
+            return [float(s) for s in self.sizes] if wanted is None else wanted
+        own = self.group.get("N")
+        if wanted is None or own is None or at_size(np.array(wanted), own).any():
+            return [own]
+        return []
+
     def param_samples(self, n: int = 1000, seed: int = 0) -> np.ndarray | None:
         """Parameter draws for propagating uncertainty: bootstrap replicates when available,
         otherwise ``n`` normal draws from the Wald covariance clipped to the bounds; None when
@@ -318,21 +320,21 @@ class FitResult:
             law=law,
             group=dict(data["group"]),
             params={n: float(data["params"][n]) for n in names},
-            stderr={n: _from_json(data["stderr"][n]) for n in names},
-            ci={n: tuple(_from_json(v) for v in data["ci"][n]) for n in names},
+            stderr={n: float_from_json(data["stderr"][n]) for n in names},
+            ci={n: tuple(float_from_json(v) for v in data["ci"][n]) for n in names},
             level=float(data["level"]),
-            r2=_from_json(data["r2"]),
-            rmse=_from_json(data["rmse"]),
+            r2=float_from_json(data["r2"]),
+            rmse=float_from_json(data["rmse"]),
             n_points=int(data["n_points"]),
             n_cells=int(data["n_cells"]),
             cells=FittedCells.from_rows(data["cells"]),
             weights=data["weights"],
             loss=data["loss"],
-            weighted_sse=_from_json(data["weighted_sse"]),
+            weighted_sse=float_from_json(data["weighted_sse"]),
             covariance=np.array(
-                [[_from_json(v) for v in row] for row in data["covariance"]], dtype=float
+                [[float_from_json(v) for v in row] for row in data["covariance"]], dtype=float
             ).reshape(p, p),
-            residual_k_variance=_from_json(data["residual_k_variance"]),
+            residual_k_variance=float_from_json(data["residual_k_variance"]),
             bootstrap=None
             if boot is None
             else Bootstrap(
@@ -381,17 +383,11 @@ class FitReport:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temp file + rename): a failure never leaves a partial file."""
-        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> FitReport:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise LawError(f"fit file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise LawError(f"fit file {path} is not valid JSON ({exc.msg})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "fit file"))
 
     def select(self, group: Mapping[str, Any]) -> list[FitResult]:
         """Fits whose group contains every item of ``group`` (values compared as strings)."""
@@ -403,63 +399,3 @@ class FitReport:
                 f"no fit matches group {dict(group)}; groups: {[f.group for f in self.fits]}"
             )
         return chosen
-
-
-def write_atomic(path: str | Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``.
-
-    The temp file is opened exclusively under a random name (not via ``mkstemp``) so the result
-    gets the usual umask permissions rather than 0600.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with tmp.open("xb") as fh:
-            fh.write(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def numeric_or_exact_jacobian(
-    law: Law, theta: np.ndarray, x: Mapping[str, np.ndarray]
-) -> np.ndarray:
-    """d f / d theta at the points ``x``: the law's own Jacobian, else forward/backward differences
-    that stay inside the bounds."""
-    if law.jac is not None:
-        with np.errstate(all="ignore"):
-            return np.asarray(law.jac(theta, x), dtype=float)
-    base = law.evaluate(theta, x)
-    cols = []
-    for j, upper in enumerate(law.upper):
-        # Step forward unless that crosses the upper bound; a backward step from a value at its
-        # upper bound stays feasible because lower < upper.
-        step = 1e-6 * max(1.0, abs(theta[j]))
-        if theta[j] + step > upper:
-            step = -step
-        shifted = theta.copy()
-        shifted[j] += step
-        cols.append((law.evaluate(shifted, x) - base) / step)
-    return np.column_stack(cols)
-
-
-def json_float(v: float) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
-def _from_json(v: Any) -> float:
-    return math.nan if v is None else float(v)
-
-
-def json_safe(obj: Any) -> Any:
-    """Replace non-finite floats by None and numpy scalars by Python ones, recursively."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return json_float(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

@@ -16,8 +16,8 @@ SWEEP_EPILOG = """\
 The YAML names the base model, the experts (checkpoints or PEFT adapter directories), the
 held-out data, the methods and k; see hf_mergelaw.sweep_config. Records are appended to
 `output` as they are measured, and a re-run skips those already there, so an interrupted sweep
-resumes. With --fit the per-size law is fitted per method and domain (FIT.json next to the
-records); with --plot the paper-style figure is written next to them (PNG).
+resumes. With --fit the per-size law is fitted per method and domain (<records>.fit.json next to
+the records); with --plot the paper-style figure is written next to them (<records>.law.png).
 """
 
 
@@ -47,15 +47,10 @@ def register(subparsers: Any) -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from .cli import CommandError
-    from .sweep import run_sweep
-    from .sweep_config import load_sweep_config
+    from ..sweep import run_sweep
+    from ..sweep_config import load_sweep_config
 
-    try:
-        config = load_sweep_config(args.config)
-        summary = run_sweep(config, progress=not args.no_progress)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+    summary = run_sweep(load_sweep_config(args.config), progress=not args.no_progress)
     outputs: dict[str, Any] = {
         "records": str(summary.output),
         "planned": summary.planned,
@@ -79,12 +74,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def _fit_and_plot(records_path: Path, *, fit: bool, plot: bool) -> dict[str, str]:
     """Fit per method and domain (in-domain curves and the cross-domain macro curve)."""
-    from .law import fit_sweep, load_records
-    from .law.plotting import plot_sweep
-    from .results import ResultsFile
-    from .sweep import records_by_domain
+    from ..law import fit_sweep, load_records
+    from ..law.plotting import plot_sweep
+    from ..record_schema import records_by_domain
+    from ..record_store import RecordStore
 
-    records = load_records(records_by_domain(list(ResultsFile(records_path))))
+    records = load_records(records_by_domain(list(RecordStore(records_path))))
     by = ("method", "domain")
     report = fit_sweep(records, "per-size", by=by)
     written = {}
@@ -93,13 +88,13 @@ def _fit_and_plot(records_path: Path, *, fit: bool, plot: bool) -> dict[str, str
         report.save(fit_path)
         written["fit"] = str(fit_path)
     if plot:
-        figure_path = records_path.with_suffix(".png")
+        figure_path = records_path.with_suffix(".law.png")
         plot_sweep(records, report.fits, by=by, path=figure_path)
         written["figure"] = str(figure_path)
     return written
 
 
 def _register_metric(args: argparse.Namespace) -> int:
-    from .metric_registration import register_metric_command
+    from ..metric_registration import register_metric_command
 
     return register_metric_command(args)

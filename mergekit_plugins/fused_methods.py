@@ -1,15 +1,16 @@
-"""The fused merge methods: mergekit's parameter handling, `triton_ops` math."""
+"""The fused merge methods: a stock mergekit method's spec and contract, `triton_ops` math."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Annotated, Any
 
 import torch
 from mergekit import merge_methods
 from mergekit.merge_methods.base import (
+    GroupMergeMethod,
     MergeMethodSpec,
     ParameterScope,
     ParameterSpec,
@@ -26,6 +27,7 @@ from pydantic import PlainValidator
 
 import triton_ops
 from triton_ops import tensor_stream
+from triton_ops.inputs import check_seed
 
 # Fused method name -> the mergekit built-in whose parameters, scopes and defaults it copies.
 FUSED_FROM: dict[str, str] = {
@@ -34,17 +36,10 @@ FUSED_FROM: dict[str, str] = {
     "dare_linear_fused": "dare_linear",
 }
 
-
-def _seed(value: object) -> int:
-    # A plain validator so the config error names the parameter (pydantic's would not).
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {value!r}")
-    return value
-
-
+# A plain validator, so the config error names the parameter (pydantic's would not).
 SEED_PARAMETER = ParameterSpec(
     "seed",
-    Annotated[int, PlainValidator(_seed)],
+    Annotated[int, PlainValidator(check_seed)],
     ParameterScope.SHARED,
     default=0,
     description="DARE keep masks depend only on (seed, tensor name, expert index, element).",
@@ -58,31 +53,36 @@ _SUPPORTED = {
 
 
 @dataclass(frozen=True)
-class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
-    """`ties`, `dare_ties` or `dare_linear` with the per-tensor math done by `triton_ops`.
+class FusedTaskArithmeticMerge(GroupMergeMethod):
+    """mergekit's `stock` method (`ties`, `dare_ties` or `dare_linear`) under `name`, with the
+    per-tensor math done by `triton_ops`.
 
-    Inherits mergekit's parameter list and defaults; DARE variants add a shared `seed`
+    Its spec is the stock method's public spec, renamed; DARE variants add a shared `seed`
     (default 0). `int8_mask` is accepted and ignored: the fused merge builds no mask tensor.
     """
 
+    stock: GeneralizedTaskArithmeticMerge
+    name: str
+
     def __post_init__(self) -> None:
-        if (self.consensus_method, self.sparsification_method) not in _SUPPORTED:
+        pair = (self.stock.consensus_method, self.stock.sparsification_method)
+        if pair not in _SUPPORTED:
             raise ValueError(
-                f"{self.method_name}: no fused kernel for consensus={self.consensus_method} "
-                f"with sparsification={self.sparsification_method}; supported are TIES, "
-                "DARE-TIES and DARE-linear."
+                f"{self.name}: no fused kernel for consensus={pair[0]} with "
+                f"sparsification={pair[1]}; supported are TIES, DARE-TIES and DARE-linear."
             )
 
     @cached_property
     def spec(self) -> MergeMethodSpec:
-        inherited = GeneralizedTaskArithmeticMerge.spec.func(self)
-        if not self.is_dare:
-            return inherited
-        return replace(inherited, parameters=(*inherited.parameters, SEED_PARAMETER))
+        stock = self.stock.spec
+        parameters = (*stock.parameters, SEED_PARAMETER) if self.is_dare else stock.parameters
+        return replace(
+            stock, name=self.name, pretty_name=f"{stock.pretty_name} (fused)", parameters=parameters
+        )
 
     @property
     def is_dare(self) -> bool:
-        return self.sparsification_method == SparsificationMethod.random
+        return self.stock.sparsification_method == SparsificationMethod.random
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
@@ -101,7 +101,7 @@ class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
                     experts,
                     weights=weights,
                     densities=densities,
-                    consensus=self.consensus_method is not None,
+                    consensus=self.stock.consensus_method is not None,
                     normalize=parameters["normalize"],
                     rescale="l1" if parameters["rescale"] else None,
                     lambda_=parameters["lambda"],
@@ -121,9 +121,7 @@ class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
             hint = (
                 " Set `dtype: float32` in the merge config." if base.dtype == torch.float64 else ""
             )
-            raise ValueError(
-                f"{self.method_name} cannot merge tensor {name!r}: {error}{hint}"
-            ) from error
+            raise ValueError(f"{self.name} cannot merge tensor {name!r}: {error}{hint}") from error
 
     def _effective_inputs(
         self,
@@ -145,7 +143,7 @@ class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
             density = densities[entry.id]
             if self.is_dare and density < 0:
                 raise ValueError(
-                    f"{self.method_name}: density {density} for {entry.id} on tensor "
+                    f"{self.name}: density {density} for {entry.id} on tensor "
                     f"{tensor_name!r} is negative; DARE keeps each entry with probability "
                     "density, so use a value in [0, 1]."
                 )
@@ -155,18 +153,8 @@ class FusedTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
         return experts, kept
 
 
-def fused_variant(original: GeneralizedTaskArithmeticMerge, name: str) -> FusedTaskArithmeticMerge:
-    """A fused method configured exactly like mergekit's `original`, under a new name."""
-    settings = {field.name: getattr(original, field.name) for field in fields(original)}
-    settings.update(
-        method_name=name,
-        method_pretty_name=f"{original.method_pretty_name} (fused)",
-    )
-    return FusedTaskArithmeticMerge(**settings)
-
-
 FUSED_METHODS: tuple[FusedTaskArithmeticMerge, ...] = tuple(
-    fused_variant(merge_methods.get(original), name) for name, original in FUSED_FROM.items()
+    FusedTaskArithmeticMerge(merge_methods.get(stock), name) for name, stock in FUSED_FROM.items()
 )
 
 

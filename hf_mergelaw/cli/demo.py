@@ -1,6 +1,5 @@
 """``hf-mergelaw demo``: its options and handler, kept light (torch loads only when it runs).
 
-register(subparsers)                  # beside the law commands in hf_mergelaw.cli
 hf-mergelaw demo -o demo-out          # ~4 min from nothing on 2 CPU cores, ~1.5 min cached
 hf-mergelaw demo --quick              # the CI size
 """
@@ -8,11 +7,11 @@ hf-mergelaw demo --quick              # the CI size
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .settings import DEFAULT_MIN_GAIN
+from ..demo.settings import DEFAULT_MIN_GAIN
+from .arguments import count
 
 DEFAULT_OUTPUT = Path("mergelaw-demo")
 
@@ -40,7 +39,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_count(1, "--threads"),
+        type=count(1, "--threads"),
         default=None,
         help="torch CPU threads (default: the cores the load average leaves idle)",
     )
@@ -67,49 +66,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _count(minimum: int, option: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{option} {text!r}: give a whole number >= {minimum}")
-        return value
-
-    return parse
-
-
 def _subsets(text: str) -> int | str:
     """A count of subsets per k (at least 2: a spread needs two), or "all"."""
-    return text if text == "all" else _count(2, "--subsets")(text)
+    return text if text == "all" else count(2, "--subsets")(text)
 
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo; 0 whether or not the science check passes (the report says which)."""
-    from hf_mergelaw.cli import CommandError
+    from ..demo.run import run_demo
 
-    from .run import DemoError, run_demo
-
-    try:
-        result = run_demo(
-            args.output,
-            quick=args.quick,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-            threads=args.threads,
-            target_loss=args.target_loss,
-            min_gain=args.min_gain,
-            subsets=args.subsets,
-        )
-    except DemoError as error:
-        raise CommandError(str(error)) from None
+    result = run_demo(
+        args.output,
+        quick=args.quick,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        threads=args.threads,
+        target_loss=args.target_loss,
+        min_gain=args.min_gain,
+        subsets=args.subsets,
+    )
     print(result.summary)
     return 0
 
 
 def register(subparsers: Any) -> None:
-    """Add ``demo`` to the ``hf-mergelaw`` parser (one line in ``hf_mergelaw.cli._registrars``)."""
+    """Add ``demo`` to the ``hf-mergelaw`` parser."""
     parser = subparsers.add_parser(
         "demo",
         help="build a small pool on the CPU, sweep k, fit the law, plan, write figures + report",

@@ -7,7 +7,6 @@ file. Human-readable tables go to stdout unless ``--json``; warnings (dropped ro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LawError
-from .fitting import LOSSES, WEIGHTS, fit_sweep
-from .planning import CostModel, Plan, Tradeoff, plan, size_vs_experts
-from .records import describe_dropped, load_records
-from .result import FitReport, FitResult, json_safe, write_atomic
-from .synthetic import PAPER_SIZES
+from ..errors import LawError
+from ..files import read_json
+from ..law.fit_result import FitReport, FitResult
+from ..law.fitting import LOSSES, WEIGHTS, fit_sweep
+from ..law.paper import PAPER_SIZES
+from ..law.planning import CostModel, Plan, Tradeoff, plan, size_vs_experts
+from ..law.records import describe_dropped, load_records
+from . import arguments
+from .output import emit, fmt, group_label
 
 FORM_HELP = (
     "law to fit: per-size (L_inf + A/(k+b), one fit per N), joint (L_star + B N^-beta + "
@@ -42,84 +44,12 @@ def register(subparsers: Any) -> None:
     _add_plot(subparsers)
 
 
-# --- argument parsing helpers ---------------------------------------------------------------
-
-
-def parse_ks(text: str) -> list[int]:
-    """``"1-9"``, ``"1,2,4"``, ``"1-3,8"`` -> sorted distinct k values (each >= 1)."""
-    ks: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            ks.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad k list {text!r}: use e.g. 1-9 or 1,2,4") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"bad k list {text!r}: k values must be >= 1")
-    return sorted(ks)
-
-
-def parse_floats(text: str) -> list[float]:
-    """``"0.5,7,72"`` -> [0.5, 7.0, 72.0]."""
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad number list {text!r}") from None
-
-
-def parse_param(text: str) -> tuple[str, tuple[float | None, float | None, float | None]]:
-    """``"c=0:10"`` -> ("c", (0.0, 10.0, None)); ``"a=0:"`` -> ("a", (0.0, None, None))."""
-    name, _, spec = text.partition("=")
-    fields = spec.split(":") if spec else []
-    if not name.strip().isidentifier() or len(fields) > 3 or len(fields) == 1:
-        raise argparse.ArgumentTypeError(
-            f"bad --param {text!r}: use NAME=LO:HI or NAME=LO:HI:START"
-        )
-    try:
-        values = [float(v) if v.strip() else None for v in fields] + [None] * (3 - len(fields))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad --param {text!r}: bounds must be numbers") from None
-    return name.strip(), (values[0], values[1], values[2])
-
-
-def parse_group(text: str) -> dict[str, str]:
-    """``"method=ties,domain=code"`` -> {"method": "ties", "domain": "code"}."""
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"bad --group {text!r}: use field=value[,field=value]")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _by(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
-    text = json.dumps(json_safe(payload), indent=1) + "\n"
-    if getattr(args, "output", None):
-        write_atomic(args.output, text)
-    print(text if args.json else table, end="" if args.json else "\n")
+# --- fit ------------------------------------------------------------------------------------
 
 
 def _fits(args: argparse.Namespace) -> list[FitResult]:
     report = FitReport.load(args.fit_file)
     return report.select(args.group) if args.group else report.fits
-
-
-def _fmt(v: float | None, digits: int = 4) -> str:
-    return "-" if v is None or not np.isfinite(v) else f"{v:.{digits}g}"
-
-
-def _group_label(group: dict[str, Any]) -> str:
-    return (
-        ",".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in group.items()) or "all"
-    )
-
-
-# --- fit ------------------------------------------------------------------------------------
 
 
 def _add_fit(subparsers: Any) -> None:
@@ -131,9 +61,12 @@ def _add_fit(subparsers: Any) -> None:
     )
     p.add_argument("records", help="records file (.jsonl, .json or .csv)")
     p.add_argument("--form", default="joint", help=FORM_HELP)
-    p.add_argument("--param", action="append", type=parse_param, default=[], help=PARAM_HELP)
+    p.add_argument("--param", action="append", type=arguments.param, default=[], help=PARAM_HELP)
     p.add_argument(
-        "--by", type=_by, default=[], help="comma-separated grouping fields, e.g. method,domain"
+        "--by",
+        type=arguments.names,
+        default=[],
+        help="comma-separated grouping fields, e.g. method,domain",
     )
     p.add_argument(
         "--weights",
@@ -178,7 +111,7 @@ def run_fit(args: argparse.Namespace) -> int:
         level=args.level,
         variance=not args.no_variance,
     )
-    _emit(args, report.to_dict(), _fit_table(report))
+    emit(args, report.to_dict(), _fit_table(report))
     return 0
 
 
@@ -186,15 +119,15 @@ def _fit_table(report: FitReport) -> str:
     lines = []
     for fit in report.fits:
         lines.append(
-            f"== {_group_label(fit.group)}: {fit.form}, {fit.n_points} records in {fit.n_cells} "
+            f"== {group_label(fit.group)}: {fit.form}, {fit.n_points} records in {fit.n_cells} "
             f"cells, R^2 {fit.r2:.4f}, RMSE {fit.rmse:.4g}"
         )
         pct = f"{fit.level:.0%}"
         for name, value in fit.params.items():
             lo, hi = fit.ci[name]
             lines.append(
-                f"   {name:<8} {value:>11.5g}  se {_fmt(fit.stderr[name]):>9}  "
-                f"{pct} CI [{_fmt(lo)}, {_fmt(hi)}]"
+                f"   {name:<8} {value:>11.5g}  se {fmt(fit.stderr[name]):>9}  "
+                f"{pct} CI [{fmt(lo)}, {fmt(hi)}]"
             )
         if fit.variance is not None:
             shown = ", ".join(f"{n}={v:.3g}" for n, v in fit.variance.params.items())
@@ -218,16 +151,20 @@ def _add_predict(subparsers: Any) -> None:
     )
     p.add_argument("fit_file", metavar="FIT.json")
     p.add_argument(
-        "--N", type=parse_floats, help="sizes in billions, e.g. 72 or 7,72 (default: fitted sizes)"
+        "--N",
+        type=arguments.floats,
+        help="sizes in billions, e.g. 72 or 7,72 (default: fitted sizes)",
     )
     p.add_argument(
         "--k",
-        type=parse_ks,
+        type=arguments.k_values,
         default=list(range(1, 10)),
         help="k values, e.g. 1-9 (default) or 1,2,4",
     )
     p.add_argument("--level", type=float, help="interval coverage (default: the fit's, 0.9)")
-    p.add_argument("--group", type=parse_group, help="only fits of this group, e.g. method=ties")
+    p.add_argument(
+        "--group", type=arguments.group, help="only fits of this group, e.g. method=ties"
+    )
     p.add_argument("-o", "--output", help="write the JSON here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_predict)
@@ -236,8 +173,7 @@ def _add_predict(subparsers: Any) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     rows = []
     for fit in _fits(args):
-        sizes = _sizes_for(fit, args.N)
-        for size in sizes:
+        for size in fit.sizes_for(args.N):
             rows += fit.predict(size, np.array(args.k, float), level=args.level).to_rows(fit.group)
     if not rows:
         raise LawError(
@@ -247,26 +183,15 @@ def run_predict(args: argparse.Namespace) -> int:
     header = ("group", "N", "k", "mean", "lo", "hi", "pi_lo", "pi_hi")
     lines = [_row(header)]
     for r in rows:
-        values = [_fmt(r[key]) for key in header[1:]]
-        lines.append(_row((_group_label(r["group"]), *values)))
+        values = [fmt(r[key]) for key in header[1:]]
+        lines.append(_row((group_label(r["group"]), *values)))
     table = "\n".join(lines)
-    _emit(args, {"predictions": rows}, table)
+    emit(args, {"predictions": rows}, table)
     return 0
 
 
 def _row(cells: Sequence[str]) -> str:
     return f"{cells[0]:<28}" + "".join(f" {c:>9}" for c in cells[1:])
-
-
-def _sizes_for(fit: FitResult, requested: Sequence[float] | None) -> list[float | None]:
-    if "N" not in fit.law.variables:
-        own = fit.group.get("N")
-        if requested is None or own is None:
-            return [own]
-        return [own] if any(np.isclose(n, own) for n in requested) else []
-    if requested is None:
-        return [float(s) for s in fit.sizes]
-    return list(requested)
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -276,7 +201,7 @@ def _add_plan(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "plan",
         help="experts needed, stop rule, k80/k90, three-point recipe, size vs experts",
-        description="Planning answers from a per-size or joint fit (law.md section 5), with "
+        description="Planning answers from a per-size or joint fit (docs/law.md section 5), with "
         "intervals over the fit's bootstrap replicates (or Wald draws). --budget and/or "
         "--target-loss on a joint fit also compare base sizes against expert counts under a "
         "cost model (default: the paper's merge times for the group's method).",
@@ -291,7 +216,7 @@ def _add_plan(subparsers: Any) -> None:
         "--min-gain", type=float, help="smallest worthwhile gain per added expert -> k_stop"
     )
     p.add_argument("--eps", type=float, help="distance to the floor -> k_eps")
-    p.add_argument("--N", type=parse_floats, help="sizes in billions (default: fitted sizes)")
+    p.add_argument("--N", type=arguments.floats, help="sizes in billions (default: fitted sizes)")
     p.add_argument(
         "--k-max",
         type=int,
@@ -307,13 +232,13 @@ def _add_plan(subparsers: Any) -> None:
     )
     p.add_argument(
         "--sizes",
-        type=parse_floats,
+        type=arguments.floats,
         default=list(PAPER_SIZES),
         help="candidate sizes for the trade-off (default: the paper's 0.5-72B)",
     )
     p.add_argument("--level", type=float, help="interval coverage (default: the fit's)")
     p.add_argument("--seed", type=int, default=0, help="seed of Monte Carlo draws")
-    p.add_argument("--group", type=parse_group, help="only fits of this group")
+    p.add_argument("--group", type=arguments.group, help="only fits of this group")
     p.add_argument("-o", "--output", help="write the JSON here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_plan)
@@ -327,9 +252,10 @@ def _cost_model(spec: str) -> CostModel | None:
     path = Path(spec)
     if not path.is_file():
         raise LawError(f"cost model {spec!r}: not merge-time[:METHOD] and no such file")
+    data = read_json(path, "cost model")
     try:
-        return CostModel.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        return CostModel.from_dict(data)
+    except (AttributeError, TypeError, ValueError) as exc:
         raise LawError(f"cost model {path}: {exc}") from None
 
 
@@ -371,49 +297,17 @@ def run_plan(args: argparse.Namespace) -> int:
         "plans": [p.to_dict() for p in plans],
         "tradeoffs": [t.to_dict() for t in tradeoffs],
     }
-    _emit(args, payload, _plan_table(plans, tradeoffs))
+    emit(args, payload, _plan_table(plans, tradeoffs))
     return 0
-
-
-def _ci(ci: tuple[int | None, int | None] | None) -> str:
-    if ci is None or ci[0] is None:  # no interval, or unreachable in every draw
-        return ""
-    lo, hi = ci
-    return f" [{lo}, {'unbounded' if hi is None else hi}]"
 
 
 def _plan_table(plans: Sequence[Plan], tradeoffs: Sequence[Tradeoff]) -> str:
     lines = []
     for p in plans:
-        lines.append(
-            f"== {_group_label(p.group)} at N={_fmt(p.N)}: L_inf {p.L_inf:.4g}, A {p.A:.4g}, "
-            f"b {p.b:.3g}  (intervals {p.level:.0%})"
-        )
-        if p.target_loss is not None:
-            value = p.k_for_target if p.k_for_target is not None else "unreachable (at/below floor)"
-            lines.append(f"   experts for loss {p.target_loss}: {value}{_ci(p.k_for_target_ci)}")
-        if p.eps is not None:
-            lines.append(f"   experts within {p.eps} of the floor: {p.k_eps}{_ci(p.k_eps_ci)}")
-        if p.min_gain is not None:
-            lines.append(f"   stop at k (next gain < {p.min_gain}): {p.k_stop}{_ci(p.k_stop_ci)}")
-        fractions = f"k80 {p.k80}{_ci(p.k80_ci)}, k90 {p.k90}{_ci(p.k90_ci)}"
-        lines.append(f"   {fractions} (of the k=1->{p.k_max} gain)")
-        tp = p.three_point
-        if tp is not None:
-            ci = (
-                ""
-                if tp.forecast_ci is None
-                else f" [{tp.forecast_ci[0]:.4g}, {tp.forecast_ci[1]:.4g}]"
-            )
-            seen = (
-                ""
-                if tp.observed is None
-                else f", observed {tp.observed:.4g} ({tp.rel_error:.2%} off)"
-            )
-            lines.append(f"   three-point forecast at k={tp.k}: {tp.forecast:.4g}{ci}{seen}")
-        lines += [f"   note: {n}" for n in p.notes]
+        lines.append(f"== {group_label(p.group)} at N={fmt(p.N)} (intervals {p.level:.0%})")
+        lines += [f"   {line}" for line in p.describe()]
     for t in tradeoffs:
-        lines.append(f"== size vs experts, {_group_label(t.group)} (cost in {t.unit})")
+        lines.append(f"== size vs experts, {group_label(t.group)} (cost in {t.unit})")
         for label, opt in (
             ("cheapest reaching target", t.cheapest),
             ("cheapest with upper bound at target", t.cheapest_confident),
@@ -441,7 +335,9 @@ def _add_plot(subparsers: Any) -> None:
     )
     p.add_argument("records", help="records file (.jsonl, .json or .csv)")
     p.add_argument("--fit", dest="fit_file", help="fit JSON from `hf-mergelaw fit`")
-    p.add_argument("--by", type=_by, help="grouping fields (default: the fit's, else none)")
+    p.add_argument(
+        "--by", type=arguments.names, help="grouping fields (default: the fit's, else none)"
+    )
     p.add_argument("--form", help="law to fit when no --fit is given")
     p.add_argument("--level", type=float, default=0.9, help="band coverage (default 0.9)")
     p.add_argument("-o", "--output", required=True, help="image path (.png, .pdf, .svg)")
@@ -449,7 +345,7 @@ def _add_plot(subparsers: Any) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plotting import plot_sweep
+    from ..law.plotting import plot_sweep
 
     records = load_records(args.records)
     if records.dropped:

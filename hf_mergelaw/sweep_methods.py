@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 import triton_ops
+from triton_ops.inputs import check_density, check_lambda, check_rescale, check_seed
+
+from .errors import SweepConfigError
 
 # Method name -> its parameters and their defaults.
 METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
@@ -45,7 +48,7 @@ class MethodSpec:
         entry = dict(entry)
         name = entry.pop("name", None)
         if name not in METHOD_PARAMETERS:
-            raise ValueError(
+            raise SweepConfigError(
                 f"unknown merge method {name!r}; use one of {', '.join(METHOD_PARAMETERS)}."
             )
         label = str(entry.pop("label", name))
@@ -53,7 +56,7 @@ class MethodSpec:
         unknown = sorted(set(entry) - set(defaults))
         if unknown:
             allowed = ", ".join(defaults) or "none"
-            raise ValueError(
+            raise SweepConfigError(
                 f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
                 f"its parameters are: {allowed} (and an optional label)."
             )
@@ -108,18 +111,20 @@ class MethodSpec:
 
 
 def _check_params(name: str, params: dict[str, Any]) -> None:
-    density = params.get("density", 1.0)
-    if not isinstance(density, int | float) or not 0.0 < density <= 1.0:
-        raise ValueError(f"method {name!r}: density={density!r} must be a number in (0, 1].")
-    if not isinstance(params.get("lambda", 1.0), int | float):
-        raise ValueError(f"method {name!r}: lambda={params['lambda']!r} must be a number.")
-    if params.get("rescale", "l1") not in ("l1", "inverse", None):
-        raise ValueError(
-            f"method {name!r}: rescale={params['rescale']!r}; use l1, inverse or null."
+    """The checks `triton_ops` makes, up front, with the method named."""
+    checks = {
+        "density": check_density,
+        "lambda": check_lambda,
+        "rescale": check_rescale,
+        "seed": check_seed,
+    }
+    try:
+        for key, check in checks.items():
+            if key in params:
+                check(params[key], f"method {name!r}: {key}")
+    except ValueError as error:
+        raise SweepConfigError(str(error)) from None
+    if not isinstance(params.get("normalize", False), bool):
+        raise SweepConfigError(
+            f"method {name!r}: normalize={params['normalize']!r} must be true or false."
         )
-    for flag in ("normalize",):
-        if flag in params and not isinstance(params[flag], bool):
-            raise ValueError(f"method {name!r}: {flag}={params[flag]!r} must be true or false.")
-    seed = params.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"method {name!r}: seed={seed!r} must be a non-negative integer.")
