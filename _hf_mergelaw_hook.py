@@ -12,10 +12,10 @@ To add a trigger (e.g. the ``evaluate`` metric shim), add one entry to ``TRIGGER
 
 Editable installs (``pip install -e .``) get the ``.pth`` and a copy of this module too:
 hatchling puts force-included files in editable wheels (checked with hatchling 1.33); reinstall
-after editing this file. ``python -S``, or an environment that skips site-packages ``.pth``
-files, has no hook. There, ``import mergekit_plugins`` before using mergekit's Python API, run
-the CLI as ``python -m mergekit_plugins CONFIG OUT [mergekit-yaml options]``, or write the
-``.pth`` line into site-packages yourself::
+after editing this file. A checkout on ``PYTHONPATH`` (not installed) has no hook. There,
+``import mergekit_plugins`` before using mergekit's Python API, run the CLI as
+``python -m mergekit_plugins CONFIG OUT [mergekit-yaml options]``, or write the ``.pth`` line
+into site-packages yourself (``python -S`` skips site-packages, and with it the project)::
 
     SITE=$(python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
     echo "import _hf_mergelaw_hook; _hf_mergelaw_hook.install()" > "$SITE/hf_mergelaw_hook.pth"

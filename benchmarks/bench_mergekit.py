@@ -98,23 +98,15 @@ class Stages:
 
 def build_checkpoints(cache_dir: Path, layers: int, experts: int) -> Checkpoints:
     """Build (once) a random bf16 Llama base and `experts` noisy copies; reuse them afterwards."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_mergelaw.testing import save_noisy_experts, tiny_llama_config
 
     root = cache_dir / f"llama_{layers}layers_{experts}experts"
     spec = {"architecture": ARCHITECTURE, "layers": layers, "experts": experts, "seed": 0}
     paths = [root / "base", *(root / f"expert{i}" for i in range(experts))]
     spec_file = root / "spec.json"
     if not (spec_file.exists() and json.loads(spec_file.read_text()) == spec):
-        torch.manual_seed(0)
-        config = LlamaConfig(num_hidden_layers=layers, **ARCHITECTURE)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        model.save_pretrained(paths[0])
-        for path in paths[1:]:
-            with torch.no_grad():
-                for name, tensor in model.state_dict().items():
-                    tensor.copy_(_fine_tune_like(base_state[name]))
-            model.save_pretrained(path)
+        config = tiny_llama_config(num_hidden_layers=layers, **ARCHITECTURE)
+        save_noisy_experts(root, config, experts, perturb=_fine_tune_like, dtype=torch.bfloat16)
         spec_file.write_text(json.dumps(spec))
     parameters = sum(_tensor_numel(shard) for shard in sorted(paths[0].glob("*.safetensors")))
     return Checkpoints(base=paths[0], experts=tuple(paths[1:]), parameters=parameters)

@@ -37,13 +37,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_mergelaw.cross_entropy import EvalSet, cross_entropy
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.sweep import plan_jobs, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig
 from hf_mergelaw.sweep_methods import MethodSpec
+from hf_mergelaw.testing import gaussian_noise, save_noisy_experts, tiny_llama_config
 
 DENSITY = 0.5
 METHOD = MethodSpec.from_config({"name": "ties", "density": DENSITY})
@@ -71,24 +72,16 @@ class Measurement:
 
 
 def build_pool(root: Path, preset: dict, dtype: torch.dtype) -> tuple[Path, dict[str, Path]]:
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=preset["vocab"],
         hidden_size=preset["hidden"],
         intermediate_size=preset["intermediate"],
         num_hidden_layers=preset["layers"],
         num_attention_heads=preset["heads"],
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(root / "base")
-    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    experts = {}
-    for index in range(preset["experts"]):
-        model.load_state_dict({n: t + 0.01 * torch.randn_like(t) for n, t in base.items()})
-        experts[f"expert{index}"] = root / f"expert{index}"
-        model.save_pretrained(experts[f"expert{index}"])
-    return root / "base", experts
+    return save_noisy_experts(
+        root, config, preset["experts"], perturb=gaussian_noise(0.01), dtype=dtype
+    )
 
 
 def random_eval_set(preset: dict) -> EvalSet:

@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
+
+from hf_mergelaw.testing import (
+    gaussian_noise,
+    save_noisy_experts,
+    tiny_llama_config,
+    word_tokenizer,
+)
 
 TEXTS = {
     "animals": [
@@ -45,26 +50,15 @@ def ensure_tiny_pool(root: str | Path = "tiny_pool") -> dict:
 
 def _build(paths: dict) -> None:
     texts = [text for domain in TEXTS.values() for text in domain]
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(
-        texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]"])
+    config = tiny_llama_config(intermediate_size=64)
+    save_noisy_experts(
+        paths["base"].parent,
+        config,
+        len(paths["experts"]),
+        perturb=gaussian_noise(0.02),
+        tokenizer=word_tokenizer(texts),
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    base.save_pretrained(paths["base"])
-    fast.save_pretrained(paths["base"])
-    state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    for path in paths["experts"].values():
-        base.load_state_dict({n: t + 0.02 * torch.randn_like(t) for n, t in state.items()})
-        base.save_pretrained(path)
-        fast.save_pretrained(path)
-    base.load_state_dict(state)
+    base = AutoModelForCausalLM.from_pretrained(paths["base"])
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )

@@ -21,8 +21,9 @@ Python API: import this package first, which registers the methods::
         parameters={"weight": {"a": 0.5, "b": 0.5}, "density": {"a": 0.3, "b": 0.3}},
     )
 
-Editable installs get the hook as well. Without it (`python -S`, a copied checkout), run the CLI
-as `python -m mergekit_plugins CONFIG OUT [mergekit-yaml options]`; see `_hf_mergelaw_hook`.
+Editable installs get the hook as well. Without it (the project on `PYTHONPATH` rather than
+installed), run the CLI as `python -m mergekit_plugins CONFIG OUT [mergekit-yaml options]`; see
+`_hf_mergelaw_hook`.
 
 DARE masks are counter-based (Philox): an entry's keep decision depends only on (seed, tensor
 name, expert index, element index), so output is bit-identical across runs, tensor order,

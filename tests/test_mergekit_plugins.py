@@ -71,28 +71,15 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> WheelEnv:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """A tiny random Llama base and three fine-tune-like experts (base + small noise)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_mergelaw.testing import gaussian_noise, save_noisy_experts, tiny_llama_config
 
-    root = tmp_path_factory.mktemp("tiny_llamas")
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=16,
-        num_hidden_layers=2,
+    base, experts = save_noisy_experts(
+        tmp_path_factory.mktemp("tiny_llamas"),
+        tiny_llama_config(num_attention_heads=16),
+        len(WEIGHTS),
+        perturb=gaussian_noise(0.01),
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.save_pretrained(root / "base")
-    experts = []
-    for index in range(len(WEIGHTS)):
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                tensor.copy_(base_state[name] + 0.01 * torch.randn_like(tensor))
-        model.save_pretrained(root / f"expert{index}")
-        experts.append(root / f"expert{index}")
-    return TinyModels(base=root / "base", experts=tuple(experts))
+    return TinyModels(base=base, experts=tuple(experts.values()))
 
 
 def _config(models: TinyModels, method: str, **options: object) -> dict:

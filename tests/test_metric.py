@@ -15,11 +15,12 @@ import evaluate
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hf_mergelaw
 from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
 from hf_mergelaw.metric_registration import register_metric
+from hf_mergelaw.testing import tiny_llama_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,14 +60,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).eval()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 from mergekit.sparsify import magnitude
 
+from tests.merge_problems import draw_problem
 from triton_ops import dare_merge, task_arithmetic, ties_merge
 from triton_ops.inputs import KEY_BITS
 from triton_ops.selection import magnitude_key, magnitude_threshold
@@ -40,12 +41,9 @@ class Problem:
     weights: list[float]
 
 
-def draw_problem(shape: tuple[int, ...], dtype: torch.dtype, k: int, seed: int) -> Problem:
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=generator)
-    experts = [base + 0.05 * torch.randn(shape, generator=generator) for _ in range(k)]
-    weights = [WEIGHTS[i % len(WEIGHTS)] for i in range(k)]
-    return Problem(base.to(dtype), [e.to(dtype) for e in experts], weights)
+def weighted_problem(shape: tuple[int, ...], dtype: torch.dtype, k: int, seed: int) -> Problem:
+    base, experts = draw_problem(shape, k, dtype, seed)
+    return Problem(base, experts, [WEIGHTS[i % len(WEIGHTS)] for i in range(k)])
 
 
 def run_mergekit(method: str, problem: Problem, **parameters: object) -> torch.Tensor:
@@ -162,7 +160,7 @@ def test_ties_matches_mergekit(
     normalize: bool,
     lambda_: float,
 ) -> None:
-    problem = draw_problem(shape, dtype, k, seed=sum(shape) + k)
+    problem = weighted_problem(shape, dtype, k, seed=sum(shape) + k)
     ours = ties_merge(
         problem.base,
         problem.experts,
@@ -207,7 +205,7 @@ def test_dare_at_density_one_matches_mergekit(
     normalize: bool,
     lambda_: float,
 ) -> None:
-    problem = draw_problem(shape, dtype, k, seed=sum(shape) + 2 * k)
+    problem = weighted_problem(shape, dtype, k, seed=sum(shape) + 2 * k)
     consensus = method == "dare_ties"
     ours = dare_merge(
         problem.base,
@@ -237,7 +235,7 @@ def test_dare_at_density_one_matches_mergekit(
 def test_task_arithmetic_matches_mergekit(
     dtype: torch.dtype, shape: tuple[int, ...], k: int, normalize: bool, lambda_: float
 ) -> None:
-    problem = draw_problem(shape, dtype, k, seed=sum(shape) + 3 * k)
+    problem = weighted_problem(shape, dtype, k, seed=sum(shape) + 3 * k)
     ours = task_arithmetic(
         problem.base,
         problem.experts,
@@ -257,8 +255,8 @@ def test_task_arithmetic_matches_mergekit(
 
 def test_task_arithmetic_normalize_with_zero_weight_sum_matches_mergekit() -> None:
     # 0.1 + 0.2 - 0.3 is 5.6e-17, not 0: below mergekit's 1e-8 cut-off, so it divides by 1.
-    problem = draw_problem((1001,), F32, 3, seed=5)
-    problem = Problem(problem.base, problem.experts, [0.1, 0.2, -0.3])
+    base, experts = draw_problem((1001,), 3, F32, seed=5)
+    problem = Problem(base, experts, [0.1, 0.2, -0.3])
     ours = task_arithmetic(
         problem.base, problem.experts, weights=problem.weights, normalize=True, backend="torch"
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from tests.merge_problems import Deltas, draw_problem
 from triton_ops import dare_merge, task_arithmetic, ties_merge
 from triton_ops.inputs import KEY_BITS
 from triton_ops.selection import magnitude_key, magnitude_threshold
@@ -37,7 +38,7 @@ class Case:
     dtype: torch.dtype
     k: int
     seed: int
-    deltas: str = "gaussian"  # "gaussian", "quantized" (many |delta| ties) or "sparse" (zeros)
+    deltas: Deltas = "gaussian"  # "quantized": many |delta| ties; "sparse": many zeros
     densities: tuple[float, ...] | None = None  # None: a random mix incl. 1.0 and a tiny one
     normalize: bool = False
     lambda_: float = 1.0
@@ -58,24 +59,8 @@ class Case:
         return "-".join(parts)
 
 
-def draw_problem(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A base and k experts of `case.dtype`, each expert = base + a delta of the requested kind."""
-    generator = torch.Generator().manual_seed(case.seed)
-    shape, dtype = case.shape, case.dtype
-    if case.deltas == "quantized":
-        # Multiples of 1/8 on a base of multiples of 1/8 in [-8, 8]: exact in every dtype, and
-        # |delta| takes four values, so every threshold splits a large group of ties.
-        base = torch.randint(-64, 65, shape, generator=generator) / 8
-        deltas = [torch.randint(-3, 4, shape, generator=generator) / 8 for _ in range(case.k)]
-    else:
-        base = torch.randn(shape, generator=generator)
-        deltas = [0.05 * torch.randn(shape, generator=generator) for _ in range(case.k)]
-        if case.deltas == "sparse":  # ~90% of every delta is exactly zero
-            deltas = [
-                torch.where(torch.rand(shape, generator=generator) < 0.1, d, 0.0) for d in deltas
-            ]
-    base = base.to(dtype)
-    return base, [(base.float() + d).to(dtype) for d in deltas]
+def draw_case(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return draw_problem(case.shape, case.k, case.dtype, case.seed, case.deltas)
 
 
 def draw_weights(case: Case) -> list[float]:
@@ -173,7 +158,7 @@ TIES_TIE_CASES = [
 
 
 def run_ties(case: Case, backend: str) -> torch.Tensor:
-    base, experts = draw_problem(case)
+    base, experts = draw_case(case)
     return ties_merge(
         base,
         experts_argument(case, experts),
@@ -193,7 +178,7 @@ def test_ties_triton_equals_torch_bit_for_bit(case: Case) -> None:
 
 @pytest.mark.parametrize("case", TIES_TIE_CASES, ids=str)
 def test_ties_triton_equals_torch_with_ties_at_the_threshold(case: Case) -> None:
-    base, experts = draw_problem(case)
+    base, experts = draw_case(case)
     assert base.numel() > 2 * BLOCK
     assert_some_threshold_splits_ties(case, base, experts)
     expected = run_ties(case, "torch")
@@ -236,7 +221,7 @@ DARE_L1_CASES = [
 
 
 def run_dare(case: Case, backend: str) -> torch.Tensor:
-    base, experts = draw_problem(case)
+    base, experts = draw_case(case)
     return dare_merge(
         base,
         experts_argument(case, experts),
@@ -283,7 +268,7 @@ TASK_ARITHMETIC_CASES = [
 def run_task_arithmetic(
     case: Case, backend: str, weights: list[float] | None = None
 ) -> torch.Tensor:
-    base, experts = draw_problem(case)
+    base, experts = draw_case(case)
     return task_arithmetic(
         base,
         experts_argument(case, experts),
@@ -306,7 +291,7 @@ def test_task_arithmetic_normalize_with_weights_summing_to_zero() -> None:
     weights = [0.1, 0.2, -0.3]
     got = run_task_arithmetic(case, "triton", weights)
     assert_bit_equal(got, run_task_arithmetic(case, "torch", weights))
-    base, experts = draw_problem(case)
+    base, experts = draw_case(case)
     deltas = [expert - base for expert in experts]
     expected = base + sum(w * d for w, d in zip(weights, deltas, strict=True))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
