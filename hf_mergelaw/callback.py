@@ -9,6 +9,7 @@ trackers through `trainer.log`. Main process only; results go to `<output_dir>/m
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .cross_entropy import EvalSet
 from .errors import UserError
 from .experts import ExpertPool
 from .law import LawError, fit_sweep, marginal_gain, plan
+from .provenance import read_provenance
 from .record_store import RecordStore
 from .subsets import STRATEGIES
 from .sweep import sweep_pool
@@ -59,9 +61,9 @@ class MergeScalingCallback(TrainerCallback):
         batch_size: int = 8,
         target_loss: float | None = None,
         at_save: bool = False,
+        restart: bool = False,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise UserError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
+        _check_arguments(pool, eval_data, per_k, strategy, seed, batch_size, target_loss)
         self.trainer = trainer
         self.pool = pool
         self.eval_set = eval_data
@@ -71,6 +73,23 @@ class MergeScalingCallback(TrainerCallback):
         self.batch_size = batch_size
         self.target_loss = target_loss
         self.at_save = at_save
+        self.restart = restart
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Fail now, not after training: the model must fit the pool, and the results folder must
+        not hold an earlier run's experts (their records would mix with this run's)."""
+        if not state.is_world_process_zero:
+            return
+        self.pool.check_model(self.expert_name or self._run_name(args), _unwrap(model))
+        output = self._output(args)
+        earlier = read_provenance(output)
+        unknown = sorted(set(earlier.experts) - set(self.pool.names)) if earlier else []
+        if unknown and not self.restart:
+            raise UserError(
+                f"{output} holds records of experts this pool does not have ({', '.join(unknown)}"
+                "), from an earlier run in this output_dir. Use a new output_dir, or pass "
+                "restart=True to move those records aside."
+            )
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.at_save and state.is_world_process_zero:
@@ -81,24 +100,31 @@ class MergeScalingCallback(TrainerCallback):
             self._add_and_measure(args, model, self.expert_name or self._run_name(args))
 
     def _add_and_measure(self, args: Any, model: Any, name: str) -> None:
-        self.pool.add_expert(_unique(name, self.pool.names), _unwrap(model))
-        output = Path(args.output_dir) / "merge_scaling" / "results.jsonl"
-        sweep_pool(
-            self.pool,
-            self.eval_set,
-            methods=[self.method],
-            ks=range(1, len(self.pool.names) + 1),
-            sampling=self.sampling,
-            output=output,
-            batch_size=self.batch_size,
-            progress=False,
-        )
-        records = [
-            r
-            for r in RecordStore(output)
-            if r["method"] == self.method.label and set(r["subset"]) <= set(self.pool.names)
-        ]
-        self.trainer.log(self._metrics(records))
+        """Measure the pool with the new expert; a failure is logged, never raised, so the
+        training run (and saving its model afterwards) goes on."""
+        try:
+            self.pool.add_expert(_unique(name, self.pool.names), _unwrap(model))
+            output = self._output(args)
+            sweep_pool(
+                self.pool,
+                self.eval_set,
+                methods=[self.method],
+                ks=range(1, len(self.pool.names) + 1),
+                sampling=self.sampling,
+                output=output,
+                batch_size=self.batch_size,
+                progress=False,
+                restart=self.restart,
+            )
+            self.restart = False  # the first sweep of this run moved earlier records aside
+            records = [
+                r
+                for r in RecordStore(output)
+                if r["method"] == self.method.label and set(r["subset"]) <= set(self.pool.names)
+            ]
+            self.trainer.log(self._metrics(records))
+        except Exception:
+            logger.exception("merge_scaling: the merge law was not measured for %r", name)
 
     def _metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         metrics: dict[str, float] = {"eval_merge_pool_size": float(len(self.pool.names))}
@@ -129,6 +155,42 @@ class MergeScalingCallback(TrainerCallback):
     @staticmethod
     def _run_name(args: Any) -> str:
         return args.run_name or Path(args.output_dir).name
+
+    @staticmethod
+    def _output(args: Any) -> Path:
+        return Path(args.output_dir) / "merge_scaling" / "results.jsonl"
+
+
+def _check_arguments(
+    pool: Any,
+    eval_data: Any,
+    per_k: Any,
+    strategy: Any,
+    seed: Any,
+    batch_size: Any,
+    target_loss: Any,
+) -> None:
+    if not isinstance(pool, ExpertPool):
+        raise UserError(
+            f"pool must be an ExpertPool, got {type(pool).__name__}: "
+            "ExpertPool('base/', {'math': 'ft/math', ...})."
+        )
+    if not isinstance(eval_data, EvalSet):
+        raise UserError(
+            f"eval_data must be an EvalSet, got {type(eval_data).__name__}: build it with "
+            "build_eval_set(tokenizer, texts=held_out_texts)."
+        )
+    for name, value in (("per_k", per_k), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name}={value!r} must be a positive integer.")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"seed={seed!r} must be an integer.")
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if target_loss is not None and (
+        not isinstance(target_loss, int | float) or not math.isfinite(target_loss)
+    ):
+        raise UserError(f"target_loss={target_loss!r} must be a finite number (nats) or None.")
 
 
 def _unique(name: str, taken: Sequence[str]) -> str:

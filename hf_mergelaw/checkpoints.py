@@ -71,12 +71,24 @@ class Checkpoint:
 
 
 def _weight_files(path: Path, label: str) -> dict[Path, list[str]]:
+    for single, sharded in (SAFETENSORS_FILES, PICKLE_FILES):
+        if (path / single).exists() and (path / sharded).exists():
+            raise PoolError(
+                f"{label}: {path} holds both {single} and the shards of {sharded}; one of them "
+                f"is left over from an earlier save into this folder (transformers would load "
+                f"{single}). Remove the one you did not write, or save into an empty folder."
+            )
     for name in SAFETENSORS_FILES + PICKLE_FILES:
         file = path / name
         if not file.exists():
             continue
         if name.endswith(".index.json"):
-            weight_map = _read_json(file, label)["weight_map"]
+            weight_map = _read_json(file, label).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise PoolError(
+                    f"{label}: {file} has no 'weight_map' of tensor names to shard files; "
+                    "re-save the checkpoint with save_pretrained."
+                )
             files: dict[Path, list[str]] = {}
             for tensor, shard in weight_map.items():
                 files.setdefault(path / shard, []).append(tensor)
@@ -91,7 +103,13 @@ def _weight_files(path: Path, label: str) -> dict[Path, list[str]]:
 
 def _load_pickle(file: Path, label: str) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "zipfile" not in str(error):
+                raise
+            # The legacy (pre-zip) format cannot be memory-mapped; it loads whole.
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
         raise PoolError(
             f"{label}: {file} cannot be loaded with weights_only=True ({error}). Re-save the "

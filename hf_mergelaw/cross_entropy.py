@@ -27,6 +27,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +224,34 @@ def check_inputs(texts=None, prompts=None, responses=None, domains=None) -> int:
         bad = next((i for i, value in enumerate(column) if not isinstance(value, str)), None)
         if bad is not None:
             raise UserError(f"{name}[{bad}] must be a string, got {type(column[bad]).__name__}.")
+    empty = next((i for i, value in enumerate(domains or ()) if not value.strip()), None)
+    if empty is not None:
+        raise UserError(
+            f"domains[{empty}] is empty: give every example a domain name (in every add or "
+            "add_batch call), or give no domains at all."
+        )
     return next(iter(lengths.values()))
+
+
+def context_length(config: Any) -> int | None:
+    """Positions the model can attend to (``max_position_embeddings``), if its config says."""
+    value = getattr(config, "max_position_embeddings", None)
+    if value is None and isinstance(config, dict):
+        value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_max_length(max_length: int, config: Any) -> int:
+    """``max_length``, lowered (with a warning) to the model's context if it is longer."""
+    limit = context_length(config)
+    if limit is not None and max_length > limit:
+        warnings.warn(
+            f"max_length={max_length} is longer than the model's {limit} positions; sequences are "
+            f"truncated to {limit} tokens.",
+            stacklevel=2,
+        )
+        return limit
+    return max_length
 
 
 def _tokenize_pairs(
@@ -280,10 +308,24 @@ def _check_scorable(size, skipped, domains, kept, max_length) -> None:
         )
 
 
+def load_model(model: str | os.PathLike) -> PreTrainedModel:
+    """A causal LM from a folder (or a name in the local Hugging Face cache)."""
+    text = os.fspath(model)
+    looks_like_a_path = (
+        os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+    )
+    if looks_like_a_path and not os.path.isdir(os.path.expanduser(text)):
+        raise UserError(f"model={text!r}: no such folder. Point it at a save_pretrained folder.")
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(text))
+    except (OSError, ValueError) as error:
+        raise UserError(f"model={text!r} could not be loaded: {error}") from None
+
+
 def _resolve_model(model, device) -> tuple[PreTrainedModel, torch.device]:
     if isinstance(model, (str, os.PathLike)):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return AutoModelForCausalLM.from_pretrained(model).to(device), device
+        return load_model(model).to(device), device
     if device is None:
         return model, next(model.parameters()).device
     device = torch.device(device)

@@ -43,9 +43,14 @@ def load_eval_columns(config: EvalConfig) -> dict[str, list[Any] | None]:
 
 def _rows(config: EvalConfig) -> list[dict[str, Any]]:
     path = Path(config.data)
-    if path.is_file() and path.suffix == ".jsonl":
+    if path.suffix in (".jsonl", ".json") and not path.is_file():
+        raise SweepConfigError(
+            f"eval data {path} does not exist (a relative eval.data is resolved against the "
+            "sweep YAML's folder)."
+        )
+    if path.suffix == ".jsonl":
         return [row for _, row in read_jsonl(path)]
-    if path.is_file() and path.suffix == ".json":
+    if path.suffix == ".json":
         rows = read_json(path, "eval data")
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise SweepConfigError(

@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoints import Checkpoint
 from .errors import PoolError
+from .provenance import folder_identity, tensors_identity
 from .sweep_methods import MethodSpec
 
 STORAGES = ("auto", "device", "cpu", "disk")
@@ -44,6 +45,7 @@ class Expert:
     equal to the base's (LoRA leaves most untouched) are not stored."""
 
     name: str
+    identity: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
     same_as_base: frozenset[str] = frozenset()
@@ -72,6 +74,7 @@ class ExpertPool:
             raise PoolError(f"storage={storage!r}; use one of {', '.join(STORAGES)}.")
         self.base_path = Path(base_model)
         self.base_checkpoint = Checkpoint(self.base_path, "base model")
+        self.base_identity = folder_identity(self.base_path)
         self.device = resolve_device(device)
         self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype)
@@ -93,6 +96,11 @@ class ExpertPool:
         return list(self.experts)
 
     @property
+    def identities(self) -> dict[str, str]:
+        """Each expert's identity (its files, or a digest of its weights), for provenance."""
+        return {name: expert.identity for name, expert in self.experts.items()}
+
+    @property
     def num_parameters_billions(self) -> float:
         """N of the scaling law: parameters of the base, in billions."""
         return sum(p.numel() for p in self.parameters.values()) / 1e9
@@ -108,6 +116,13 @@ class ExpertPool:
         else:
             expert = self._expert_from_checkpoint(name, Path(source))
         self.experts[name] = expert
+
+    def check_model(self, name: str, model: nn.Module) -> None:
+        """Refuse a model that cannot join the pool (another architecture), holding nothing."""
+        config = getattr(model, "config", None)
+        if config is not None:
+            self._check_architecture(name, config.to_dict())
+        self._check_tensors(name, {n: tuple(t.shape) for n, t in model.named_parameters()})
 
     @torch.no_grad()
     def merge(self, method: MethodSpec, subset: Sequence[str]) -> None:
@@ -172,21 +187,23 @@ class ExpertPool:
         checkpoint = Checkpoint(path, f"expert {name!r}")
         self._check_architecture(name, checkpoint.config)
         self._check_tensors(name, {n: checkpoint.shape(n) for n in checkpoint.names})
+        identity = folder_identity(path)
         if self.storage == "disk" and checkpoint.memory_mapped:
-            return Expert(name, checkpoint=checkpoint)
+            return Expert(name, identity, checkpoint=checkpoint)
         return Expert(
-            name, tensors={n: self._hold(n, checkpoint.tensor(n)) for n in self.parameters}
+            name,
+            identity,
+            tensors={n: self._hold(n, checkpoint.tensor(n)) for n in self.parameters},
         )
 
     def _expert_from_module(self, name: str, model: nn.Module) -> Expert:
-        config = getattr(model, "config", None)
-        if config is not None:
-            self._check_architecture(name, config.to_dict())
+        self.check_model(name, model)
         tensors = dict(model.named_parameters())
-        self._check_tensors(name, {n: tuple(t.shape) for n, t in tensors.items()})
         # _hold subtracts the base into a new tensor: a snapshot that later training leaves alone.
         return Expert(
-            name, tensors={n: self._hold(n, tensors[n].detach()) for n in self.parameters}
+            name,
+            tensors_identity(tensors),
+            tensors={n: self._hold(n, tensors[n].detach()) for n in self.parameters},
         )
 
     def _expert_from_adapter(self, name: str, path: Path) -> Expert:
@@ -208,7 +225,7 @@ class ExpertPool:
             n for n in self.parameters if torch.equal(tensors[n], self.base_tensors[n].cpu())
         )
         held = {n: self._hold(n, tensors[n].detach()) for n in self.parameters if n not in same}
-        return Expert(name, tensors=held, same_as_base=same)
+        return Expert(name, folder_identity(path), tensors=held, same_as_base=same)
 
     def _hold(self, name: str, weights: torch.Tensor) -> torch.Tensor:
         """An expert tensor as the pool keeps it: its task vector, in the merge dtype, where the
@@ -228,7 +245,8 @@ class ExpertPool:
     def _check_architecture(self, name: str, config: Mapping) -> None:
         base = self.base_checkpoint.config
         for key in ARCHITECTURE_FIELDS:
-            if config.get(key) != base.get(key):
+            # A model built in memory may leave a field unset (architectures): not a mismatch.
+            if config.get(key) is not None and config.get(key) != base.get(key):
                 raise PoolError(
                     f"expert {name!r} has {key}={config.get(key)!r} but the base model has "
                     f"{base.get(key)!r}; every expert must be fine-tuned from the base "

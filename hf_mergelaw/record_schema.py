@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 CROSS_DOMAIN = "macro"
 WHOLE_SET = "all"
+# What every record of a sweep has; a file whose lines lack them is not a sweep's records file.
+REQUIRED_FIELDS = ("method", "params", "k", "subset", "ce")
 
 
 def job_key(label: str, params: Mapping[str, Any], subset: Sequence[str]) -> str:

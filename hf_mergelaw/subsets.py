@@ -16,6 +16,20 @@ from .errors import UserError
 STRATEGIES = ("all", "uniform", "balanced", "permutations")
 PAPER_NUM_PERMUTATIONS = 15
 PAPER_SHUFFLE_CANDIDATES = 1000
+# Above this many merges per method, strategy "all" is a mistake rather than a plan.
+MAX_ALL_SUBSETS = 100_000
+
+
+def check_all_subsets(num_experts: int, ks: Iterable[int]) -> None:
+    """Refuse ``strategy: all`` when it would plan more than :data:`MAX_ALL_SUBSETS` merges."""
+    ks = list(ks)
+    total = sum(math.comb(num_experts, k) for k in ks)
+    if total > MAX_ALL_SUBSETS:
+        raise UserError(
+            f"strategy 'all' with {num_experts} experts and k {min(ks)}-{max(ks)} is {total:,} "
+            f"merges per method; at most {MAX_ALL_SUBSETS:,} are planned this way. Use strategy "
+            "'balanced' (per_k subsets per k, every expert equally often) or fewer k values."
+        )
 
 
 def sample_subsets(
@@ -42,6 +56,7 @@ def sample_subsets(
             f"of that size. Lower the largest k or add experts."
         )
     if strategy == "all":
+        check_all_subsets(num_experts, [k])
         return list(itertools.combinations(range(num_experts), k))
     if strategy == "uniform":
         return _uniform_subsets(num_experts, k, per_k, seed)

@@ -12,6 +12,8 @@ its own file, and the main process gathers them into the output at the end.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +23,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .cross_entropy import EvalSet, build_eval_set, cross_entropy
+from .cross_entropy import EvalSet, build_eval_set, cross_entropy, fit_max_length
+from .errors import SweepConfigError
 from .eval_data import load_eval_columns
 from .experts import ExpertPool
+from .files import read_json
+from .provenance import (
+    Provenance,
+    eval_identity,
+    project_version,
+    provenance_path,
+    read_provenance,
+    write_provenance,
+)
 from .record_schema import job_key, make_record, record_key
 from .record_store import RecordStore
 from .subsets import sample_subsets
@@ -50,6 +62,7 @@ class SweepSummary:
     planned: int
     written: int
     skipped: int
+    moved_aside: Path | None = None  # where restart put the old records
 
 
 def plan_jobs(
@@ -73,20 +86,25 @@ def plan_jobs(
     return jobs
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepSummary:
-    """Run the sweep a YAML describes (see `sweep_config`)."""
-    from transformers import AutoTokenizer
+def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = False) -> SweepSummary:
+    """Run the sweep a YAML describes (see `sweep_config`).
 
+    What is cheap to check is checked before any model loads: the output (a sweep's own records
+    file, writable, not in use by another sweep), then the eval data and the tokenizer.
+    """
+    with RecordStore(config.output).exclusive():
+        pass
+    columns = load_eval_columns(config.eval)
+    tokenizer = _load_tokenizer(config.eval.tokenizer or config.base_model)
+    base_config = read_json(Path(config.base_model) / "config.json", "base model config")
+    max_length = fit_max_length(config.eval.max_length, base_config)
+    eval_set = build_eval_set(tokenizer, max_length=max_length, **columns)
     pool = ExpertPool(
         config.base_model,
         config.experts,
         device=_rank_device(config.device),
         dtype=config.dtype,
         storage=config.storage,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-    eval_set = build_eval_set(
-        tokenizer, max_length=config.eval.max_length, **load_eval_columns(config.eval)
     )
     return sweep_pool(
         pool,
@@ -98,6 +116,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> SweepSummary:
         batch_size=config.eval.batch_size,
         N=config.N,
         progress=progress,
+        restart=restart,
     )
 
 
@@ -112,20 +131,75 @@ def sweep_pool(
     batch_size: int = 8,
     N: float | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> SweepSummary:
-    """Sweep an already loaded pool; the model ends with the base weights restored."""
+    """Sweep an already loaded pool; the model ends with the base weights restored.
+
+    Records already in ``output`` are reused only if they were measured with this configuration
+    (:mod:`hf_mergelaw.provenance`); otherwise this stops, naming what changed. ``restart`` moves
+    the old records aside (``<name>.replaced-<time>.jsonl``) and starts over.
+    """
     state = _process_state(pool.device.type)
     output = Path(output)
-    jobs = plan_jobs(methods, ks, pool.names, sampling)
-    # Every rank must split the same job list: all read what is done before any writes more.
-    state.wait_for_everyone()
-    done = {record_key(r) for path in _result_files(output) for r in RecordStore(path)}
-    todo = [job for job in jobs if job.key not in done]
-    state.wait_for_everyone()
-    results = RecordStore(_rank_file(output, state) if state.num_processes > 1 else output)
     size = N if N is not None else pool.num_parameters_billions
+    provenance = pool_provenance(pool, eval_set, size)
+    jobs = plan_jobs(methods, ks, pool.names, sampling)
+    moved = None
+    if state.is_main_process:
+        moved = _move_aside(output) if restart else None
+    state.wait_for_everyone()
+    store = RecordStore(output)
+    with store.exclusive() if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            _claim(store, provenance, methods)
+        # Every rank must split the same job list: all read what is done before any writes more.
+        state.wait_for_everyone()
+        done = {record_key(r) for path in _result_files(output) for r in RecordStore(path)}
+        todo = [job for job in jobs if job.key not in done]
+        state.wait_for_everyone()
+        results = RecordStore(_rank_file(output, state)) if state.num_processes > 1 else store
+        written = _measure(pool, eval_set, todo, results, state, batch_size, size, sampling.seed,
+                           progress)  # fmt: skip
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+            if state.is_main_process:
+                _gather_rank_files(output)
+            state.wait_for_everyone()
+    return SweepSummary(
+        output,
+        planned=len(jobs),
+        written=written,
+        skipped=len(jobs) - len(todo),
+        moved_aside=moved,
+    )
+
+
+def pool_provenance(pool: ExpertPool, eval_set: EvalSet, N: float) -> Provenance:
+    return Provenance(
+        base=pool.base_identity,
+        eval=eval_identity([*eval_set.input_ids, *eval_set.labels], eval_set.domains),
+        dtype=str(pool.dtype).removeprefix("torch."),
+        device=pool.device.type,
+        N=N,
+        version=project_version(),
+        experts=pool.identities,
+    )
+
+
+def _measure(
+    pool: ExpertPool,
+    eval_set: EvalSet,
+    jobs: Sequence[Job],
+    results: RecordStore,
+    state: Any,
+    batch_size: int,
+    N: float,
+    seed: int,
+    progress: bool,
+) -> int:
+    """Merge and evaluate this rank's share of ``jobs``, one record each; the count written."""
     written = 0
-    with state.split_between_processes(todo) as mine:
+    with state.split_between_processes(list(jobs)) as mine:
         bar = tqdm(
             mine, desc="merge + eval", unit="model", disable=not progress, dynamic_ncols=True
         )
@@ -144,20 +218,70 @@ def sweep_pool(
                     params=job.method.params,
                     subset=job.subset,
                     measured=measured,
-                    N=size,
-                    seed=sampling.seed,
+                    N=N,
+                    seed=seed,
                     timing=timing,
                 )
             )
             written += 1
             bar.set_postfix(k=job.k, ce=f"{measured.cross_entropy:.4f}")
     pool.restore_base()
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        if state.is_main_process:
-            _gather_rank_files(output)
-        state.wait_for_everyone()
-    return SweepSummary(output, planned=len(jobs), written=written, skipped=len(jobs) - len(todo))
+    return written
+
+
+def _claim(store: RecordStore, provenance: Provenance, methods: Sequence[MethodSpec]) -> None:
+    """Check that the records already in ``store`` were measured like this sweep will measure,
+    then record this sweep's provenance (joined with theirs: a pool may grow)."""
+    records = list(store)
+    old = read_provenance(store.path)
+    way_out = (
+        "Write this sweep to a new output, or start over with --restart (restart=True), which "
+        "moves the old records aside."
+    )
+    if records and old is None:
+        raise SweepConfigError(
+            f"{store.path} holds {len(records)} records but no {provenance_path(store.path).name}"
+            " saying what they were measured with (an older version wrote them, or the file was "
+            f"copied without it), so they cannot be resumed safely. {way_out}"
+        )
+    changes = [] if old is None else provenance.changes_from(old)
+    params = {r["method"]: r["params"] for r in records}
+    changes += [
+        f"the parameters of method {m.label!r} ({params[m.label]} -> {dict(m.params)})"
+        for m in methods
+        if m.label in params and params[m.label] != dict(m.params)
+    ]
+    if changes:
+        raise SweepConfigError(
+            f"{store.path} holds records measured with another configuration: "
+            f"{'; '.join(changes)}. {way_out}"
+        )
+    write_provenance(store.path, provenance if old is None else provenance.joined(old))
+
+
+def _move_aside(output: Path) -> Path | None:
+    """Rename the records (and their provenance) to ``<stem>.replaced-<time><suffix>``."""
+    if not output.exists():
+        return None
+    RecordStore(output).check()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = output.with_name(f"{output.stem}.replaced-{stamp}{output.suffix}")
+    os.replace(output, target)
+    if provenance_path(output).exists():
+        os.replace(provenance_path(output), provenance_path(target))
+    return target
+
+
+def _load_tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise SweepConfigError(
+            f"no tokenizer could be loaded from {source} ({error}); set eval.tokenizer to a "
+            "folder holding the tokenizer files the experts were trained with."
+        ) from None
 
 
 def _rank_device(device: str) -> str:

@@ -9,6 +9,7 @@ eval:                             # texts or prompt/response pairs; a JSON-lines
   text_field: text                # or prompt_field / response_field; domain_field optional
   max_length: 2048
   batch_size: 8
+  tokenizer: path                 # optional; default: the base model's own tokenizer files
 methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
 k: 1-9                            # or 1-3,8, a list [1, 2, 4], or one number
 sampling: {strategy: balanced | uniform | all | permutations, per_k: 20, seed: 0}
@@ -32,7 +33,7 @@ import yaml
 from .errors import PoolError, SweepConfigError, UserError
 from .experts import named_experts
 from .k_values import parse_k
-from .subsets import STRATEGIES
+from .subsets import STRATEGIES, check_all_subsets
 from .sweep_methods import MethodSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -42,7 +43,7 @@ TOP_LEVEL_KEYS = (
 )  # fmt: skip
 EVAL_KEYS = (
     "data", "split", "text_field", "prompt_field", "response_field", "domain_field",
-    "max_length", "batch_size", "max_samples",
+    "max_length", "batch_size", "max_samples", "tokenizer",
 )  # fmt: skip
 SAMPLING_KEYS = ("strategy", "per_k", "seed")
 
@@ -58,6 +59,7 @@ class EvalConfig:
     max_length: int = 2048
     batch_size: int = 8
     max_samples: int | None = None
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,25 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     if not path.is_file():
         raise SweepConfigError(f"sweep config {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
-        raise SweepConfigError(f"{path} is not valid YAML: {error}") from error
+        raise SweepConfigError(f"{path} is not valid YAML: {error}") from None
     return parse_sweep_config(raw, root=path.parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
@@ -112,7 +129,7 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
             f"two methods share the label {duplicates[0]!r}; give each a distinct `label:`."
         )
     n = section.get("N")
-    if n is not None and (not isinstance(n, int | float) or n <= 0):
+    if n is not None and (not _is_number(n) or not 0 < n < float("inf")):
         raise SweepConfigError(f"N={n!r} must be a positive number (billions of parameters).")
     experts = _experts(section["experts"], root)
     try:
@@ -124,6 +141,17 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
             f"k goes up to {ks[-1]} but the pool has {len(experts)} experts; no subset has more "
             f"experts than the pool. Lower k to at most {len(experts)} or add experts."
         )
+    sampling = _sampling(section.get("sampling", {}))
+    if sampling.strategy == "all":
+        try:
+            check_all_subsets(len(experts), ks)
+        except UserError as error:
+            raise SweepConfigError(f"sampling: {error}") from None
+    device = str(section.get("device", "auto"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SweepConfigError(
+            f"device={device!r} but torch sees no CUDA device here; use device: cpu (or auto)."
+        )
     return SweepConfig(
         base_model=_path(section["base_model"], root),
         experts=experts,
@@ -131,8 +159,8 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
         methods=specs,
         k=ks,
         output=_path(section["output"], root),
-        sampling=_sampling(section.get("sampling", {})),
-        device=str(section.get("device", "auto")),
+        sampling=sampling,
+        device=device,
         dtype=DTYPES[dtype],
         storage=str(section.get("storage", "auto")),
         N=n,
@@ -176,8 +204,16 @@ def _eval(value: Any, root: Path) -> EvalConfig:
     section = dict(_mapping(value, "eval", EVAL_KEYS))
     if "data" not in section:
         raise SweepConfigError("eval has no 'data'; point it at a JSON-lines file or a dataset.")
-    data = str(section.pop("data"))
+    data = section.pop("data")
+    if not isinstance(data, str) or not data:
+        raise SweepConfigError(
+            f"eval.data={data!r}: name one JSON-lines file, JSON file or dataset (a path or a "
+            "datasets name); merge several files into one first."
+        )
     local = _path(data, root)
+    if "tokenizer" in section:
+        tokenizer = _path(section["tokenizer"], root)
+        section["tokenizer"] = str(tokenizer) if tokenizer.exists() else section["tokenizer"]
     has_text = "text_field" in section
     pair_fields = {"prompt_field", "response_field"} & set(section)
     if has_text == bool(pair_fields) or len(pair_fields) == 1:
@@ -186,9 +222,17 @@ def _eval(value: Any, root: Path) -> EvalConfig:
             "response tokens only)."
         )
     for key in ("max_length", "batch_size", "max_samples"):
-        if key in section and (not isinstance(section[key], int) or section[key] < 1):
+        if key in section and (not _is_int(section[key]) or section[key] < 1):
             raise SweepConfigError(f"eval.{key}={section[key]!r} must be a positive integer.")
     return EvalConfig(data=str(local) if local.exists() else data, **section)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _sampling(value: Any) -> SamplingConfig:
@@ -198,9 +242,9 @@ def _sampling(value: Any) -> SamplingConfig:
         raise SweepConfigError(
             f"sampling.strategy={sampling.strategy!r}; use one of {', '.join(STRATEGIES)}."
         )
-    if not isinstance(sampling.per_k, int) or sampling.per_k < 1:
+    if not _is_int(sampling.per_k) or sampling.per_k < 1:
         raise SweepConfigError(f"sampling.per_k={sampling.per_k!r} must be a positive integer.")
-    if not isinstance(sampling.seed, int):
+    if not _is_int(sampling.seed):
         raise SweepConfigError(f"sampling.seed={sampling.seed!r} must be an integer.")
     return sampling
 

@@ -18,7 +18,7 @@ from mergekit.merge_methods.api import merge_state_dicts
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
-from hf_mergelaw.errors import SweepConfigError
+from hf_mergelaw.errors import RecordsFileError, SweepConfigError
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.record_schema import records_by_domain
 from hf_mergelaw.record_store import RecordStore
@@ -137,13 +137,27 @@ def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> No
     assert len({(r["method"], tuple(r["subset"])) for r in records}) == 30
 
 
+def record(k: int) -> dict:
+    return {"method": "average", "params": {}, "k": k, "subset": [f"e{i}" for i in range(k)],
+            "ce": 2.0 / k}  # fmt: skip
+
+
 def test_partial_last_line_from_a_crash_is_dropped(tmp_path) -> None:
     path = tmp_path / "results.jsonl"
-    path.write_text('{"k": 1, "ce": 2.0}\n{"k": 2, "c')
+    path.write_text(json.dumps(record(1)) + '\n{"k": 2, "c')
     results = RecordStore(path)
-    assert list(results) == [{"k": 1, "ce": 2.0}]
-    results.append({"k": 2, "ce": 1.9})
+    assert list(results) == [record(1)]
+    results.append(record(2))
     assert [r["k"] for r in RecordStore(path)] == [1, 2]
+
+
+def test_a_file_that_is_not_a_sweeps_records_is_refused_untouched(tmp_path) -> None:
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"text": "a held-out row"}\n{"text": "the last row, no newline"}')
+    before = path.read_bytes()
+    with pytest.raises(RecordsFileError, match=r"eval.jsonl:1 is not a sweep record"):
+        RecordStore(path).append(record(1))
+    assert path.read_bytes() == before
 
 
 def test_lora_adapter_joins_the_pool_as_its_densified_update(tmp_path, family) -> None:

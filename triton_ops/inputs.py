@@ -59,21 +59,17 @@ def prepare_inputs(
     """Validate a merge call and flatten its tensors; ValueError names the problem and the fix."""
     if not isinstance(base, torch.Tensor):
         raise TypeError(f"base must be a torch.Tensor, got {type(base).__name__}")
-    if base.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"base has dtype {base.dtype}; merges support float32, bfloat16 and float16. "
-            "Cast the base and experts to one of them first."
-        )
+    check_tensor_values(base, "base")
     expert_list = _as_expert_list(experts)
     for index, expert in enumerate(expert_list):
         _check_expert(index, expert, base)
     k = len(expert_list)
-    weights = _per_expert_floats("weights", weights, k)
+    weights = per_expert_floats("weights", weights, k)
     if densities is None:
         densities = (1.0,) * k
     densities = tuple(
         check_density(d, f"density of expert {i}")
-        for i, d in enumerate(_per_expert_floats("densities", densities, k))
+        for i, d in enumerate(per_expert_floats("densities", densities, k))
     )
     return MergeInputs(
         base=base.reshape(-1).contiguous(),
@@ -83,6 +79,20 @@ def prepare_inputs(
         densities=densities,
         task_vectors=task_vectors,
     )
+
+
+def check_tensor_values(tensor: torch.Tensor, what: str) -> None:
+    """A tensor a merge can read: floating point of a supported dtype, holding values."""
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{what} has dtype {tensor.dtype}; merges support float32, bfloat16 and float16. "
+            "Cast the base and experts to one of them first."
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{what} is a meta tensor: it has a shape but no values, so there is nothing to "
+            "merge. Load the weights first (e.g. from_pretrained without a meta device_map)."
+        )
 
 
 def check_density(value: object, what: str = "density") -> float:
@@ -173,10 +183,19 @@ def _check_expert(index: int, expert: object, base: torch.Tensor) -> None:
         )
 
 
-def _per_expert_floats(name: str, values: Sequence[float], k: int) -> tuple[float, ...]:
+def per_expert_floats(name: str, values: Sequence[float], k: int) -> tuple[float, ...]:
+    """One finite float per expert."""
     if isinstance(values, torch.Tensor):
         values = values.tolist()
-    values = tuple(float(v) for v in values)
+    if isinstance(values, numbers.Number | str) or not isinstance(values, Sequence):
+        raise ValueError(
+            f"{name}={values!r}: pass a sequence with one value per expert, e.g. "
+            f"[{values!r}] * {k} for {k} experts."
+        )
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={values!r}: every value must be a number.") from None
     if len(values) != k:
         raise ValueError(f"got {len(values)} {name} for {k} experts; pass exactly one per expert.")
     for index, value in enumerate(values):

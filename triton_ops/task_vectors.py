@@ -25,11 +25,12 @@ from .api import Backend, kernel_device, use_triton
 from .inputs import (
     KEY_BITS,
     NONFINITE_KEY,
-    SUPPORTED_DTYPES,
     check_density,
     check_lambda,
     check_rescale,
     check_seed,
+    check_tensor_values,
+    per_expert_floats,
     prepare_inputs,
 )
 from .philox import expert_key, keep_threshold, philox_uniform32
@@ -119,11 +120,8 @@ def merge_task_vectors(
     """
     inputs = prepare_inputs(base, task_vectors, weights, task_vectors=True)
     lambda_ = check_lambda(lambda_)
-    scales = (1.0,) * inputs.num_experts if scales is None else tuple(scales)
-    if len(scales) != inputs.num_experts:
-        raise ValueError(
-            f"got {len(scales)} scales for {inputs.num_experts} task vectors; pass one per vector."
-        )
+    k = inputs.num_experts
+    scales = (1.0,) * k if scales is None else per_expert_floats("scales", scales, k)
     factors = [w * s for w, s in zip(inputs.weights, scales, strict=True)]
     options = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     if use_triton(backend, inputs):
@@ -146,11 +144,9 @@ def _check_finite(nonfinite: int) -> None:
 
 
 def _flat_task_vector(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    if not isinstance(task_vector, torch.Tensor) or task_vector.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            "a task vector must be a float32, bfloat16 or float16 tensor (expert - base in the "
-            "compute dtype)."
-        )
+    if not isinstance(task_vector, torch.Tensor):
+        raise TypeError(f"a task vector must be a torch.Tensor, got {type(task_vector).__name__}")
+    check_tensor_values(task_vector, "the task vector")
     check_density(density)
     return task_vector.reshape(-1).contiguous()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from ..errors import UserError
@@ -17,12 +18,39 @@ def k_values(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def floats(text: str) -> list[float]:
-    """``"0.5,7,72"`` -> [0.5, 7.0, 72.0]."""
+def sizes(text: str) -> list[float]:
+    """Base sizes in billions: ``"0.5,7,72"`` -> [0.5, 7.0, 72.0]."""
+    values = [positive(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give sizes in billions, e.g. 7 or 7,72")
+    return values
+
+
+def level(text: str) -> float:
+    """An interval coverage strictly between 0 and 1."""
+    value = finite(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a coverage level lies in (0, 1), e.g. 0.9")
+    return value
+
+
+def finite(text: str) -> float:
+    """A finite number."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad number list {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number above 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+    return value
 
 
 def names(text: str) -> list[str]:
@@ -30,16 +58,19 @@ def names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def count(minimum: int, option: str) -> Callable[[str], int]:
-    """A whole number >= ``minimum`` for ``option``."""
+def count(minimum: int, option: str, maximum: int | None = None) -> Callable[[str], int]:
+    """A whole number in [``minimum``, ``maximum``] for ``option``."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{option} {text!r}: give a whole number >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            top = "" if maximum is None else f" and <= {maximum}"
+            raise argparse.ArgumentTypeError(
+                f"{option} {text!r}: give a whole number >= {minimum}{top}"
+            )
         return value
 
     return parse

@@ -30,6 +30,7 @@ FORM_HELP = (
     "variance-per-size, free-exponent (L_inf + A/(k+b)^delta), or a formula over N and k such "
     "as 'L = c + a/(k+b)**d' whose parameters are declared with --param"
 )
+MAX_K_MAX = 1000  # the gain curve and the trade-off grid run over 1..k_max
 PARAM_HELP = (
     "NAME=LO:HI[:START] bounds (and start) of a parameter; leave LO or HI empty for no bound "
     "(a=0: means a >= 0). Declares formula parameters; overrides built-in bounds. Repeatable"
@@ -77,13 +78,15 @@ def _add_fit(subparsers: Any) -> None:
     p.add_argument("--loss", choices=LOSSES, default="linear", help="least squares or robust Huber")
     p.add_argument(
         "--bootstrap",
-        type=int,
+        type=arguments.count(0, "--bootstrap", 100_000),
         default=0,
         metavar="N",
         help="bootstrap replicates (subsets resampled within each (N, k) cell)",
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--level", type=float, default=0.9, help="interval coverage (default 0.9)")
+    p.add_argument(
+        "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
+    )
     p.add_argument(
         "--strict", action="store_true", help="fail on any invalid record instead of dropping it"
     )
@@ -94,8 +97,6 @@ def _add_fit(subparsers: Any) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    if args.bootstrap < 0:
-        raise LawError("--bootstrap must be >= 0")
     records = load_records(args.records, strict=args.strict)
     if records.dropped:
         print(f"warning: {describe_dropped(records)}", file=sys.stderr)
@@ -152,7 +153,7 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("fit_file", metavar="FIT.json")
     p.add_argument(
         "--N",
-        type=arguments.floats,
+        type=arguments.sizes,
         help="sizes in billions, e.g. 72 or 7,72 (default: fitted sizes)",
     )
     p.add_argument(
@@ -161,7 +162,9 @@ def _add_predict(subparsers: Any) -> None:
         default=list(range(1, 10)),
         help="k values, e.g. 1-9 (default) or 1,2,4",
     )
-    p.add_argument("--level", type=float, help="interval coverage (default: the fit's, 0.9)")
+    p.add_argument(
+        "--level", type=arguments.level, help="interval coverage (default: the fit's, 0.9)"
+    )
     p.add_argument(
         "--group", type=arguments.group, help="only fits of this group, e.g. method=ties"
     )
@@ -209,21 +212,27 @@ def _add_plan(subparsers: Any) -> None:
     p.add_argument("fit_file", metavar="FIT.json")
     p.add_argument(
         "--target-loss",
-        type=float,
+        type=arguments.finite,
         help="loss to reach -> k_for_target (null if at/below the floor)",
     )
     p.add_argument(
-        "--min-gain", type=float, help="smallest worthwhile gain per added expert -> k_stop"
+        "--min-gain",
+        type=arguments.positive,
+        help="smallest worthwhile gain per added expert -> k_stop",
     )
-    p.add_argument("--eps", type=float, help="distance to the floor -> k_eps")
-    p.add_argument("--N", type=arguments.floats, help="sizes in billions (default: fitted sizes)")
+    p.add_argument("--eps", type=arguments.positive, help="distance to the floor -> k_eps")
+    p.add_argument("--N", type=arguments.sizes, help="sizes in billions (default: fitted sizes)")
     p.add_argument(
         "--k-max",
-        type=int,
+        type=arguments.count(2, "--k-max", MAX_K_MAX),
         default=9,
         help="K of k80/k90, the three-point forecast, the trade-off grid",
     )
-    p.add_argument("--budget", type=float, help="cost budget for the size-versus-experts trade-off")
+    p.add_argument(
+        "--budget",
+        type=arguments.positive,
+        help="cost budget for the size-versus-experts trade-off",
+    )
     p.add_argument(
         "--cost-model",
         default="merge-time",
@@ -232,11 +241,11 @@ def _add_plan(subparsers: Any) -> None:
     )
     p.add_argument(
         "--sizes",
-        type=arguments.floats,
+        type=arguments.sizes,
         default=list(PAPER_SIZES),
         help="candidate sizes for the trade-off (default: the paper's 0.5-72B)",
     )
-    p.add_argument("--level", type=float, help="interval coverage (default: the fit's)")
+    p.add_argument("--level", type=arguments.level, help="interval coverage (default: the fit's)")
     p.add_argument("--seed", type=int, default=0, help="seed of Monte Carlo draws")
     p.add_argument("--group", type=arguments.group, help="only fits of this group")
     p.add_argument("-o", "--output", help="write the JSON here")
@@ -339,7 +348,7 @@ def _add_plot(subparsers: Any) -> None:
         "--by", type=arguments.names, help="grouping fields (default: the fit's, else none)"
     )
     p.add_argument("--form", help="law to fit when no --fit is given")
-    p.add_argument("--level", type=float, default=0.9, help="band coverage (default 0.9)")
+    p.add_argument("--level", type=arguments.level, default=0.9, help="band coverage (default 0.9)")
     p.add_argument("-o", "--output", required=True, help="image path (.png, .pdf, .svg)")
     p.set_defaults(handler=run_plot)
 

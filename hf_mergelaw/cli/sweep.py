@@ -16,8 +16,10 @@ SWEEP_EPILOG = """\
 The YAML names the base model, the experts (checkpoints or PEFT adapter directories), the
 held-out data, the methods and k; see hf_mergelaw.sweep_config. Records are appended to
 `output` as they are measured, and a re-run skips those already there, so an interrupted sweep
-resumes. With --fit the per-size law is fitted per method and domain (<records>.fit.json next to
-the records); with --plot the paper-style figure is written next to them (<records>.law.png).
+resumes. <records>.provenance.json says what they were measured with (base, experts, eval data,
+dtype, device, N, version); a re-run with any of those changed stops and says which. With --fit
+the per-size law is fitted per method and domain (<records>.fit.json next to the records); with
+--plot the paper-style figure is written next to them (<records>.law.png).
 """
 
 
@@ -32,6 +34,12 @@ def register(subparsers: Any) -> None:
     sweep.add_argument("config", metavar="SWEEP.yml")
     sweep.add_argument("--fit", action="store_true", help="fit the law when the sweep ends")
     sweep.add_argument("--plot", action="store_true", help="write the sweep figure (PNG)")
+    sweep.add_argument(
+        "--restart",
+        action="store_true",
+        help="move the records already in `output` aside (<name>.replaced-<time>.jsonl) and "
+        "start over; needed when they were measured with another configuration",
+    )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.add_argument("--json", action="store_true", help="print a JSON summary")
     sweep.set_defaults(handler=run_sweep_command)
@@ -50,12 +58,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from ..sweep import run_sweep
     from ..sweep_config import load_sweep_config
 
-    summary = run_sweep(load_sweep_config(args.config), progress=not args.no_progress)
+    config = load_sweep_config(args.config)
+    summary = run_sweep(config, progress=not args.no_progress, restart=args.restart)
     outputs: dict[str, Any] = {
         "records": str(summary.output),
         "planned": summary.planned,
         "written": summary.written,
         "skipped": summary.skipped,
+        "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside),
     }
     if args.fit or args.plot:
         outputs.update(_fit_and_plot(summary.output, fit=args.fit, plot=args.plot))
@@ -66,6 +76,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             f"{summary.written} merged models measured, {summary.skipped} already recorded: "
             f"{summary.output}"
         )
+        if summary.moved_aside is not None:
+            print(f"earlier records moved to {summary.moved_aside}")
         for key in ("fit", "figure"):
             if key in outputs:
                 print(f"{key}: {outputs[key]}")

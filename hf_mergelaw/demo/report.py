@@ -204,6 +204,11 @@ def render_report(inputs: ReportInputs) -> str:
             f"| {method} | {curve} | {floor:.4f} | {a:.4f} | {b:.3f} | {r2:.4f} | {rmse:.2g} |"
         )
     out += ["", "## Plan (cross-domain)", ""]
+    out += [
+        "Stop rule: stop at the first k whose next expert gains less than the smallest "
+        "worthwhile gain. k90: the k that reaches 90% of the loss drop from k = 1 to the pool.",
+        "",
+    ]
     if inputs.default_target:
         out += [f"Each target loss is {TARGET_ABOVE_FLOOR:.0%} above its method's floor.", ""]
     for method, p in inputs.plans.items():

@@ -371,15 +371,21 @@ class FitReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], callable_law: Law | None = None) -> FitReport:
-        if "fits" not in data:
+        if not isinstance(data, Mapping) or not isinstance(data.get("fits"), list):
             raise LawError("not a fit file: no 'fits' list (write one with `hf-mergelaw fit`)")
-        return cls(
-            fits=[FitResult.from_dict(f, callable_law) for f in data["fits"]],
-            form=data.get("form", ""),
-            by=tuple(data.get("by", ())),
-            dropped=dict(data.get("dropped", {})),
-            n_records=int(data.get("n_records", 0)),
-        )
+        try:
+            return cls(
+                fits=[FitResult.from_dict(f, callable_law) for f in data["fits"]],
+                form=data.get("form", ""),
+                by=tuple(data.get("by", ())),
+                dropped=dict(data.get("dropped", {})),
+                n_records=int(data.get("n_records", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise LawError(
+                "the fit file is damaged or was not written by `hf-mergelaw fit` "
+                f"({type(error).__name__}: {error}); fit the records again to rewrite it."
+            ) from None
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temp file + rename): a failure never leaves a partial file."""

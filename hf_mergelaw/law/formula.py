@@ -40,6 +40,7 @@ _BINARY = {
 }
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
+MAX_LENGTH = 1000
 Evaluator = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
@@ -77,12 +78,19 @@ def compile_formula(text: str) -> CompiledFormula:
             f"formula {text!r}: the left-hand side must be a single name such as 'L', "
             f"got {target!r}"
         )
+    if len(rhs) > MAX_LENGTH:
+        raise FormulaError(
+            f"the formula is {len(rhs)} characters long; at most {MAX_LENGTH} are accepted "
+            "(a law has a handful of terms)"
+        )
     try:
         tree = ast.parse(rhs.strip(), mode="eval")
+        names: set[str] = set()
+        evaluate = _compile(tree.body, text, names)
     except SyntaxError as exc:
         raise FormulaError(f"formula {text!r} is not valid: {exc.msg}") from None
-    names: set[str] = set()
-    evaluate = _compile(tree.body, text, names)
+    except RecursionError:
+        raise FormulaError(f"formula {text!r} nests too deeply; write a shorter law") from None
     return CompiledFormula(text=text, target=target, names=frozenset(names), _evaluate=evaluate)
 
 
@@ -90,7 +98,11 @@ def _compile(node: ast.AST, text: str, names: set[str]) -> Evaluator:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
             raise FormulaError(f"formula {text!r}: only numeric constants are allowed")
-        value = float(node.value)
+        try:
+            # numpy scalars, so that overflow gives inf (and a poor fit) instead of an error
+            value = np.float64(node.value)
+        except OverflowError:
+            raise FormulaError(f"formula {text!r}: a constant is too large") from None
         return lambda _values: value
     if isinstance(node, ast.Name):
         if node.id in FUNCTIONS:

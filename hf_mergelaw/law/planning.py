@@ -28,6 +28,8 @@ from .fit_result import FitResult
 from .paper import MERGE_SECONDS_9, PAPER_SIZES
 from .records import at_size
 
+# Below this R^2 a plan warns that the law does not describe the records.
+POOR_FIT_R2 = 0.5
 # Guards ceil/floor against values like 4.000000000001 produced by rounding in A / gap.
 _EPS = 1e-9
 
@@ -303,7 +305,7 @@ def plan(
         point = tuple(float(v) for v in fit.law.tail(fit.theta, n_arg))
         floor, a, b = point
         draws = None if samples is None else fit.law.tail(samples, n_arg)
-        notes: list[str] = []
+        notes = _trust_notes(fit, floor, a)
         k_target = k_target_ci = k_e = k_e_ci = k_s = k_s_ci = None
         if target_loss is not None:
             k_target, k_target_ci = _answer(k_for_target, point, draws, level, target_loss)
@@ -349,6 +351,22 @@ def plan(
             )
         )
     return plans
+
+
+def _trust_notes(fit: FitResult, floor: float, tail: float) -> list[str]:
+    """What makes every answer of a plan doubtful, said up front."""
+    notes = []
+    if not np.isfinite(fit.r2) or fit.r2 < POOR_FIT_R2:
+        notes.append(
+            f"the law fits these records poorly (R^2 {fit.r2:.2f}): the answers rest on a curve "
+            "the data do not follow; look at the figure (hf-mergelaw plot) before using them"
+        )
+    if not tail > _EPS * max(1.0, abs(floor)):
+        notes.append(
+            "the fitted tail A is 0: in these records the loss does not fall as experts are "
+            "added, so no answer about k says anything"
+        )
+    return notes
 
 
 def _three_point_for(

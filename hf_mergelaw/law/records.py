@@ -293,6 +293,7 @@ def _validate(rows: list[Mapping[str, Any]], dropped: Counter[str], n_read: int)
         if problem is None and subset is not None:
             identity = (
                 row.get("method"),
+                _params_key(row),
                 row.get("domain"),
                 size,
                 k,
@@ -307,6 +308,7 @@ def _validate(rows: list[Mapping[str, Any]], dropped: Counter[str], n_read: int)
         ces.append(ce)
         sizes.append(size if size is not None else math.nan)
         kept.append(row)
+    _refuse_mixed_params(kept)
     size_arr = np.array(sizes, dtype=float)
     if np.nanmax(size_arr, initial=0.0) > _MAX_SIZE_BILLIONS:
         raise RecordsError(
@@ -321,6 +323,27 @@ def _validate(rows: list[Mapping[str, Any]], dropped: Counter[str], n_read: int)
         dropped=dict(dropped),
         n_read=n_read,
     )
+
+
+def _params_key(row: Mapping[str, Any]) -> str | None:
+    params = row.get("params")
+    return None if params is None else json.dumps(params, sort_keys=True, default=str)
+
+
+def _refuse_mixed_params(rows: list[Mapping[str, Any]]) -> None:
+    """One method label, one parameter set: a fit must not average two methods' curves."""
+    seen: dict[Any, set[str]] = {}
+    for row in rows:
+        if (key := _params_key(row)) is not None:
+            seen.setdefault(row.get("method"), set()).add(key)
+    mixed = {method: sorted(keys) for method, keys in seen.items() if len(keys) > 1}
+    if mixed:
+        method, keys = next(iter(mixed.items()))
+        raise RecordsError(
+            f"the records of method {method!r} were measured with {len(keys)} parameter sets "
+            f"({'; '.join(keys)}); fit them separately, or give each setting its own label in "
+            "the sweep (methods: [{name: ties, density: 0.2, label: ties-d02}, ...])."
+        )
 
 
 def _scalar_fields(rows: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:

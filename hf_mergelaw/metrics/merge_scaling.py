@@ -18,7 +18,13 @@ import os
 import datasets
 import evaluate
 
-from hf_mergelaw.cross_entropy import build_eval_set, check_inputs, cross_entropy
+from hf_mergelaw.cross_entropy import (
+    build_eval_set,
+    check_inputs,
+    cross_entropy,
+    fit_max_length,
+    load_model,
+)
 from hf_mergelaw.errors import UserError
 
 _DESCRIPTION = """\
@@ -119,6 +125,9 @@ class MergeScaling(evaluate.Metric):
                     "Pass tokenizer=... with a loaded model (optional only for a path)."
                 )
             tokenizer = model
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
+        max_length = fit_max_length(max_length, model.config)
         columns = {"texts": texts, "prompts": prompts, "responses": responses, "domains": domains}
         eval_set = build_eval_set(tokenizer, **_stored_inputs(columns), max_length=max_length)
         return cross_entropy(model, eval_set, batch_size=batch_size, device=device).to_dict()
