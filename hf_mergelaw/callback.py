@@ -45,6 +45,11 @@ class MergeScalingCallback(TrainerCallback):
     expert), `eval_merge_k_for_target` (experts needed for `target_loss`; -1 when the target is
     at or below the floor), and `eval_merge_ce_k{k}` (the measured mean CE per k) always, so a
     pool too small to fit the law still reports something.
+
+    Arguments are checked here, the model against the pool at `on_train_begin`; a failure while
+    measuring after training is logged, never raised. Records in `output_dir/merge_scaling/` of
+    experts this pool does not have (an earlier run's) stop the run at its start unless
+    `restart=True`, which moves them aside.
     """
 
     def __init__(
