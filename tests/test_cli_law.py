@@ -95,7 +95,7 @@ def test_fit_warns_on_stderr_about_dropped_records(
     assert main(["fit", str(sweep), "--form", "per-size", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "warning: dropped 1 of" in err and "1 k < 1" in err
-    assert "warning" not in out
+    assert json.loads(out)["dropped"] == {"k < 1": 1}  # stdout holds the JSON alone
 
 
 def test_fit_table_names_groups_and_parameters(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -27,7 +28,26 @@ def test_one_k_value() -> None:
     records = [*_rows([1, 2, 3, 4]), {"k": 2, "ce": 0.6, "method": "ties"}]
     for r in records[:4]:
         r["method"] = "average"
-    with pytest.raises(FitError, match="group method=ties: only one k value"):
+    report = fit_sweep(records, "per-size", by=("method",))
+    assert [f.group for f in report.fits] == [{"method": "average"}]
+    assert report.failed[0]["group"] == {"method": "ties"}
+    assert "group method=ties: only one k value" in report.failed[0]["error"]
+
+
+def test_a_group_that_cannot_be_fitted_leaves_the_others_and_is_written(tmp_path) -> None:
+    records = [*_rows([1, 2, 3, 4]), {"k": 2, "ce": 0.6, "method": "ties"}]
+    for r in records[:4]:
+        r["method"] = "average"
+    out = tmp_path / "fit.json"
+    fit_sweep(records, "per-size", by=("method",)).save(out)
+    saved = json.loads(out.read_text())
+    assert [f["group"] for f in saved["fits"]] == [{"method": "average"}]
+    assert saved["failed"][0]["group"] == {"method": "ties"}
+
+
+def test_when_no_group_can_be_fitted_it_is_an_error() -> None:
+    records = [{"k": 2, "ce": 0.6, "method": m} for m in ("ties", "average")]
+    with pytest.raises(FitError, match="no group could be fitted"):
         fit_sweep(records, "per-size", by=("method",))
 
 

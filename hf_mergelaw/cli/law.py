@@ -91,6 +91,11 @@ def _add_fit(subparsers: Any) -> None:
         "--strict", action="store_true", help="fail on any invalid record instead of dropping it"
     )
     p.add_argument("--no-variance", action="store_true", help="skip the companion variance-law fit")
+    p.add_argument(
+        "--pool-size",
+        type=arguments.count(1, "--pool-size"),
+        help="experts in the pool (default: the distinct names in the records' subsets)",
+    )
     p.add_argument("-o", "--output", help="write the fit JSON here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_fit)
@@ -111,7 +116,10 @@ def run_fit(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         level=args.level,
         variance=not args.no_variance,
+        pool_size=args.pool_size,
     )
+    for failure in report.failed:
+        print(f"warning: {failure['error']}", file=sys.stderr)
     emit(args, report.to_dict(), _fit_table(report))
     return 0
 
@@ -133,10 +141,33 @@ def _fit_table(report: FitReport) -> str:
         if fit.variance is not None:
             shown = ", ".join(f"{n}={v:.3g}" for n, v in fit.variance.params.items())
             lines.append(f"   variance law: {shown} (R^2 {fit.variance.r2:.3f})")
+        lines += _check_lines(fit)
+        lines += [f"   warning: {warning}" for warning in fit.warnings]
         lines += [f"   note: {note}" for note in fit.notes]
+    lines += [f"== {group_label(f['group'])}: not fitted: {f['error']}" for f in report.failed]
     if report.dropped:
         lines.append(f"({sum(report.dropped.values())} records dropped: {report.dropped})")
     return "\n".join(lines)
+
+
+def _check_lines(fit: FitResult) -> list[str]:
+    lines = []
+    for name in ("leave_out_k", "leave_out_size"):
+        check = fit.checks.get(name)
+        if check is not None:
+            lines.append(
+                f"   forecast of {check['held_out']} from the rest: max error "
+                f"{check['max_rel_error']:.2%} over {check['cells']} cells"
+            )
+    test = fit.checks.get("lack_of_fit")
+    if test is not None:
+        lines.append(
+            f"   lack of fit: chi2 {test['chi2']:.3g} on {test['dof']} dof, "
+            f"p = {test['p_value']:.3g}"
+        )
+    if fit.pool_size is not None:
+        lines.append(f"   pool: {fit.pool_size} experts")
+    return lines
 
 
 # --- predict --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import FitError, LawError
 from ..files import float_from_json, json_float, json_safe, read_json, write_json
+from .diagnostics import pinned
 from .laws import Law
 from .records import at_size
 from .uncertainty import numeric_or_exact_jacobian, z_value
@@ -148,6 +149,11 @@ class FitResult:
             single-merge spread used when no variance law is available.
         variance: the companion variance-law fit used for prediction intervals, if any.
         notes: anything the user should know (imputed weights, skipped variance fit, ...).
+        warnings: what makes the fit's answers doubtful, e.g. parameters a bound decided.
+        pool_size: experts in the pool the records come from (None when they name no subsets).
+        checks: ``leave_out_k``, ``leave_out_size`` (forecasts of held-out cells) and
+            ``lack_of_fit`` (chi-square against the sampling variance), each None when the
+            records cannot support it (see :mod:`hf_mergelaw.law.diagnostics`).
     """
 
     law: Law
@@ -169,6 +175,14 @@ class FitResult:
     bootstrap: Bootstrap | None = None
     variance: FitResult | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    pool_size: int | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pinned(self) -> dict[str, str]:
+        """Parameters sitting on a bound: name -> "lower" or "upper"."""
+        return pinned(self.law, self.theta)
 
     @property
     def form(self) -> str:
@@ -307,6 +321,10 @@ class FitResult:
                 "cells": self.cells.to_rows(),
                 "variance": None if self.variance is None else self.variance.to_dict(),
                 "notes": self.notes,
+                "warnings": self.warnings,
+                "pinned": self.pinned,
+                "pool_size": self.pool_size,
+                "checks": self.checks,
             }
         )
 
@@ -346,23 +364,30 @@ class FitResult:
             ),
             variance=None if data.get("variance") is None else cls.from_dict(data["variance"]),
             notes=list(data.get("notes", [])),
+            warnings=list(data.get("warnings", [])),
+            pool_size=data.get("pool_size"),
+            checks=dict(data.get("checks", {})),
         )
 
 
 @dataclass
 class FitReport:
-    """All fits of one ``fit_sweep`` call plus what was dropped on the way in."""
+    """All fits of one ``fit_sweep`` call, the groups that could not be fitted (each with its
+    reason: one group's failure never takes the others with it) and what was dropped on the way
+    in."""
 
     fits: list[FitResult]
     form: str
     by: tuple[str, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
     n_records: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {"group": ..., "error": ...}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
             "form": self.form,
+            "failed": json_safe(self.failed),
             "by": list(self.by),
             "n_records": self.n_records,
             "dropped": dict(self.dropped),
@@ -380,6 +405,7 @@ class FitReport:
                 by=tuple(data.get("by", ())),
                 dropped=dict(data.get("dropped", {})),
                 n_records=int(data.get("n_records", 0)),
+                failed=list(data.get("failed", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             raise LawError(

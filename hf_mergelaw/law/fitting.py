@@ -33,17 +33,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, lsq_linear
 
 from ..errors import FitError, LawError
+from .diagnostics import bound_warnings, forecast, lack_of_fit
 from .fit_result import Bootstrap, FitReport, FitResult, FittedCells
 from .laws import Bound, Law, Param, get_law, variance_companion
 from .records import CellTable, RecordSource, SweepRecords, at_size, load_records, make_cells
 from .uncertainty import numeric_or_exact_jacobian, z_value
 
-Weights = Literal["k", "none", "inverse-variance"]
+Weights = Literal["k", "none", "inverse-variance", "sampling"]
 Loss = Literal["linear", "huber"]
-WEIGHTS: tuple[str, ...] = ("k", "none", "inverse-variance")
+WEIGHTS: tuple[str, ...] = ("k", "none", "inverse-variance", "sampling")
 LOSSES: tuple[str, ...] = ("linear", "huber")
 
 _N_REFINE = 5
@@ -117,6 +118,7 @@ def fit_law(
     variance: bool = True,
     max_nfev: int | None = None,
     group: Mapping[str, Any] | None = None,
+    pool_size: int | None = None,
 ) -> FitResult:
     """Fit one law to the records of one group.
 
@@ -126,8 +128,10 @@ def fit_law(
             ``"free-exponent"``, a formula string, or a :class:`Law`.
         params: bounds overrides for built-ins / parameter declarations for formulas, e.g.
             ``{"c": (0, 10), "a": (0, None), "d": (0.1, 3, 1.0)}`` (lower, upper[, start]).
-        weights: ``"k"`` (paper: sigma = 1/sqrt(k)), ``"none"`` or ``"inverse-variance"`` (the
-            observed variance of each cell statistic; cells without one get c/k).
+        weights: ``"k"`` (paper: sigma = 1/sqrt(k)), ``"none"``, ``"inverse-variance"`` (the
+            observed variance of each cell statistic; cells without one get c/k), or, for
+            variance laws, ``"sampling"`` (the sampling error of a sample variance,
+            ``V sqrt(2/(n-1))``, with V from a first fit).
         loss: ``"linear"`` least squares or ``"huber"`` (scale from the linear fit's MAD).
         bootstrap: number of replicates (0 = Wald intervals from the Jacobian).
         seed: bootstrap seed.
@@ -135,6 +139,8 @@ def fit_law(
         variance: also fit the variance law (for prediction intervals) when cells allow.
         max_nfev: cap on function evaluations per optimiser run (None: scipy's default).
         group: grouping values stored on the result.
+        pool_size: experts in the pool (default: the distinct names in the records' subsets);
+            it gives the variance law its finite-pool form and plans their limit.
 
     Raises:
         FitError: one k value, fewer cells than parameters, too few sizes for an N law, or no
@@ -159,9 +165,14 @@ def fit_law(
     w = _weights(weights, law.target, cells, notes)
     problem = _Problem(law, cells.x, y, np.sqrt(w), "linear", max_nfev=max_nfev)
     theta = _multistart(problem, label)
+    if weights == "sampling":
+        w = _sampling_weights(cells, law.evaluate(theta, cells.x))
+        problem = replace(problem, sqrt_w=np.sqrt(w))
+        theta = _refine(problem, [theta], label)
     if loss == "huber":
         problem = _huber_problem(problem, theta)
         theta = _refine(problem, [theta], label)
+    pool = pool_size if pool_size is not None else records.pool_size
 
     fitted = law.evaluate(theta, problem.x)
     resid = y - fitted
@@ -198,9 +209,14 @@ def fit_law(
         residual_k_variance=float(np.sum(cells.k * resid**2) / dof) if dof > 0 else np.nan,
         bootstrap=boot,
         notes=notes,
+        warnings=bound_warnings(law, theta, group),
+        pool_size=pool,
     )
     if variance and law.target == "mean":
-        result_fit.variance = _companion_variance(records, law, weights, max_nfev, group, notes)
+        result_fit.variance = _companion_variance(
+            records, law, weights, max_nfev, group, pool, notes
+        )
+    result_fit.checks = _checks(problem, cells, result_fit, label)
     return result_fit
 
 
@@ -216,7 +232,9 @@ def fit_sweep(
     """Load records, split them by ``by`` fields (and by N for laws without N), fit each group.
 
     ``options`` are passed to :func:`fit_law` (``params``, ``weights``, ``loss``, ``bootstrap``,
-    ``level``, ``variance``, ``max_nfev``). Group ``i`` bootstraps with seed ``[seed, i]``.
+    ``level``, ``variance``, ``max_nfev``, ``pool_size``). Group ``i`` bootstraps with seed
+    ``[seed, i]``. A group that cannot be fitted is listed in ``report.failed`` with its reason
+    and the others are fitted; only when none can be is it an error.
 
     >>> report = fit_sweep(records, form="per-size", by=("method",))      # doctest: +SKIP
     >>> [(f.group, f.params["A"]) for f in report.fits]                   # doctest: +SKIP
@@ -226,16 +244,27 @@ def fit_sweep(
     keys = list(by)
     if "N" not in law.variables and records.has_sizes and "N" not in keys:
         keys.append("N")
-    fits = [
-        fit_law(recs, law, seed=[seed, i], group=group, **options)
-        for i, (group, recs) in enumerate(records.groups(keys))
-    ]
+    fits, failed = [], []
+    groups = records.groups(keys)
+    for i, (group, recs) in enumerate(groups):
+        try:
+            fits.append(fit_law(recs, law, seed=[seed, i], group=group, **options))
+        except FitError as error:
+            if len(groups) == 1:
+                raise
+            failed.append({"group": group, "error": str(error)})
+    if not fits:
+        raise FitError(
+            f"no group could be fitted; the first: {failed[0]['error']} "
+            f"(and {len(failed) - 1} more)"
+        )
     return FitReport(
         fits=fits,
         form=law.name,
         by=tuple(by),
         dropped=dict(records.dropped),
         n_records=records.n_read,
+        failed=failed,
     )
 
 
@@ -289,7 +318,9 @@ def _usable_cells(law: Law, cells: CellTable, label: str) -> CellTable:
 
 def _weights(scheme: str, target: str, cells: CellTable, notes: list[str]) -> np.ndarray:
     k = cells.k.astype(float)
-    if scheme == "k":
+    if scheme == "sampling" and target != "var":
+        raise LawError("weights 'sampling' are for variance laws; use k or inverse-variance")
+    if scheme in ("k", "sampling"):  # "sampling" starts from k, then reweights at the fit
         return k
     if scheme == "none":
         return np.ones_like(k)
@@ -308,6 +339,14 @@ def _weights(scheme: str, target: str, cells: CellTable, notes: list[str]) -> np
         return cells.n / var
     # Sampling variance of a sample variance under normality: 2 sigma^4 / (n - 1).
     return (cells.n - 1) / (2 * var**2)
+
+
+def _sampling_weights(cells: CellTable, fitted_var: np.ndarray) -> np.ndarray:
+    """1 / (sampling variance of a sample variance), 2 V^2 / (n - 1), at the fitted V."""
+    floor = max(float(np.abs(fitted_var).max()) * 1e-3, 1e-300)
+    scale = np.maximum(np.abs(fitted_var), floor)
+    w = (cells.n - 1) / (2 * scale**2)
+    return w / w.mean()
 
 
 def _start_points(problem: _Problem) -> np.ndarray:
@@ -382,12 +421,10 @@ def _refine(problem: _Problem, starts: Sequence[np.ndarray], label: str) -> np.n
     for start in starts:
         result = problem.solve(start)
         statuses.append(result.status)
-        if (
-            result.status > 0
-            and np.isfinite(result.cost)
-            and (best is None or result.cost < best.cost)
-        ):
+        if _converged(result) and (best is None or result.cost < best.cost):
             best = result
+    if best is None and problem.law.separable is not None and problem.loss == "linear":
+        best = _projected_solve(problem, starts[0])
     if best is None:
         budget = "scipy's default" if problem.max_nfev is None else problem.max_nfev
         raise FitError(
@@ -396,6 +433,64 @@ def _refine(problem: _Problem, starts: Sequence[np.ndarray], label: str) -> np.n
             "try --loss huber, a simpler form, tighter --param bounds, or check the data"
         )
     return best.x
+
+
+def _converged(result: Any) -> bool:
+    return result is not None and result.status > 0 and bool(np.isfinite(result.cost))
+
+
+def _projected_solve(problem: _Problem, start: np.ndarray) -> Any:
+    """Variable projection: search only the nonlinear parameters (exponents, offsets), solving
+    the linear ones (``L_star, B, A0``) by bounded linear least squares at every step, then
+    polish all parameters together from there. A ridge that defeats the full search (the floor
+    and tail trading off) is flat in far fewer directions here. None if it fails too."""
+    law, sep = problem.law, problem.law.separable
+    assert sep is not None
+    index = {name: i for i, name in enumerate(law.param_names)}
+    lin = [index[name] for name in sep.linear]
+    nonlin = [i for i in range(len(law.params)) if i not in lin]
+    names = [law.param_names[i] for i in nonlin]
+    target = problem.y * problem.sqrt_w / problem.scale
+
+    def linear_part(eta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        basis = sep.basis(dict(zip(names, eta, strict=True)), problem.x)
+        design = basis * (problem.sqrt_w / problem.scale)[:, None]
+        solved = lsq_linear(design, target, bounds=(law.lower[lin], law.upper[lin]))
+        return solved.x, design @ solved.x - target
+
+    outer = least_squares(
+        lambda eta: np.nan_to_num(linear_part(eta)[1], nan=_BAD_RESIDUAL),
+        np.clip(start[nonlin], law.lower[nonlin], law.upper[nonlin]),
+        bounds=(law.lower[nonlin], law.upper[nonlin]),
+        method="trf",
+        x_scale="jac",
+        max_nfev=problem.max_nfev,
+    )
+    if not _converged(outer):
+        return None
+    theta = np.empty(len(law.params))
+    theta[nonlin] = outer.x
+    theta[lin] = linear_part(outer.x)[0]
+    polished = problem.solve(theta)
+    return (
+        polished if _converged(polished) and polished.cost <= outer.cost else _Solved(theta, outer)
+    )
+
+
+@dataclass(frozen=True)
+class _Solved:
+    """A projected solution in the shape of scipy's result (x, cost, status)."""
+
+    x: np.ndarray
+    outer: Any
+
+    @property
+    def cost(self) -> float:
+        return float(self.outer.cost)
+
+    @property
+    def status(self) -> int:
+        return int(self.outer.status)
 
 
 def _huber_problem(problem: _Problem, theta: np.ndarray) -> _Problem:
@@ -501,12 +596,43 @@ def _intervals(
     return stderr, ci
 
 
+def _checks(problem: _Problem, cells: CellTable, fit: FitResult, label: str) -> dict[str, Any]:
+    """Leave-one-k-out and leave-one-size-out forecasts, and lack of fit (diagnostics)."""
+    law, y = problem.law, problem.y
+
+    def refit(keep: np.ndarray) -> np.ndarray | None:
+        sub = replace(problem, x={n: v[keep] for n, v in problem.x.items()}, y=y[keep],
+                      sqrt_w=problem.sqrt_w[keep])  # fmt: skip
+        try:
+            _usable_cells(law, cells.select(keep), label)
+            return law.evaluate(_multistart(sub, label), problem.x)
+        except FitError:
+            return None
+
+    largest_k = cells.k == cells.k.max()
+    checks: dict[str, Any] = {
+        "leave_out_k": forecast(f"k={int(cells.k.max())}", largest_k, y, refit),
+        "leave_out_size": None,
+        "lack_of_fit": None,
+    }
+    if "N" in law.variables:
+        largest = np.isclose(cells.N, np.nanmax(cells.N))
+        checks["leave_out_size"] = forecast(f"N={np.nanmax(cells.N):g}", largest, y, refit)
+    if law.target == "mean":
+        spread = fit._single_merge_variance(cells.x)[0]
+        checks["lack_of_fit"] = lack_of_fit(
+            fit.residuals, spread, cells.n, cells.k, fit.pool_size, len(law.params)
+        )
+    return {name: None if c is None else c.to_dict() for name, c in checks.items()}
+
+
 def _companion_variance(
     records: SweepRecords,
     law: Law,
     weights: str,
     max_nfev: int | None,
     group: Mapping[str, Any] | None,
+    pool_size: int | None,
     notes: list[str],
 ) -> FitResult | None:
     cells = make_cells(records)
@@ -517,15 +643,16 @@ def _companion_variance(
         )
         return None
     n_sizes = np.unique(cells.N[np.isfinite(cells.N)]).size
-    vlaw = variance_companion(law, n_sizes)
+    vlaw = variance_companion(law, n_sizes, finite_pool=pool_size is not None)
     try:
         return fit_law(
             records,
             vlaw,
-            weights="none" if weights == "none" else "k",
+            weights="none" if weights == "none" else "sampling",
             variance=False,
             max_nfev=max_nfev,
             group=group,
+            pool_size=pool_size,
         )
     except FitError as exc:
         notes.append(f"no variance law ({exc}); prediction intervals use the residual scatter")

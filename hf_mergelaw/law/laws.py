@@ -477,8 +477,50 @@ FREE_EXPONENT = Law(
     ),
 )
 
+
+def _ties(theta: np.ndarray, x: Variables) -> np.ndarray:
+    floor, a, b, d, q = _split(theta, 5)
+    k = x["k"]
+    return floor + a / (k + b) + d * k / (k + q)
+
+
+def _ties_jac(theta: np.ndarray, x: Variables) -> np.ndarray:
+    _, a, b, d, q = theta
+    k = x["k"]
+    return np.column_stack(
+        [np.ones_like(k), 1 / (k + b), -a / (k + b) ** 2, k / (k + q), -d * k / (k + q) ** 2]
+    )
+
+
+def _ties_basis(eta: Mapping[str, float], x: Variables) -> np.ndarray:
+    k = x["k"]
+    return np.column_stack([np.ones_like(k), 1 / (k + eta["b"]), k / (k + eta["q"])])
+
+
+# The paper's TIES curve at lambda = 1 (docs/law.md section 2): a small bounded rise D k/(k+q)
+# on top of the law absorbs the mild non-monotonicity that otherwise pins b on its cap.
+TIES_PER_SIZE = Law(
+    name="ties-per-size",
+    params=(
+        Param("L_inf"),
+        _nonneg("A"),
+        _nonneg("b", OFFSET_MAX),
+        _nonneg("D"),
+        _nonneg("q", 4 * OFFSET_MAX),
+    ),
+    variables=("k",),
+    expression="L_inf + A / (k + b) + D * k / (k + q)",
+    kind="builtin",
+    fn=_ties,
+    jac=_ties_jac,
+    separable=Separable(
+        ("L_inf", "A", "D"), {"b": _OFFSET_GRID, "q": (0.5, 2.0, 5.0, 20.0)}, _ties_basis
+    ),
+)
+
 BUILTIN_LAWS: dict[str, Law] = {
-    law.name: law for law in (PER_SIZE, JOINT, VARIANCE, VARIANCE_PER_SIZE, FREE_EXPONENT)
+    law.name: law
+    for law in (PER_SIZE, JOINT, VARIANCE, VARIANCE_PER_SIZE, FREE_EXPONENT, TIES_PER_SIZE)
 }
 
 
@@ -499,6 +541,14 @@ def get_law(form: str | Law, params: Mapping[str, Param | Bound | tuple] | None 
     return Law.from_formula(form, params or {})
 
 
-def variance_companion(law: Law, n_sizes: int) -> Law:
-    """The variance law fitted beside a mean law: joint when sizes vary, per size otherwise."""
-    return VARIANCE if "N" in law.variables and n_sizes >= 3 else VARIANCE_PER_SIZE
+def variance_companion(law: Law, n_sizes: int, finite_pool: bool = False) -> Law:
+    """The variance law fitted beside a mean law: joint when sizes vary, per size otherwise.
+
+    Over the subsets of a finite pool of M experts the variance is ``s^2 (M-k) / ((M-1) k)``
+    (docs/law.md section 3): an intercept below zero. With ``finite_pool`` it may take one.
+    """
+    companion = VARIANCE if "N" in law.variables and n_sizes >= 3 else VARIANCE_PER_SIZE
+    if not finite_pool:
+        return companion
+    intercept = companion.param_names[0]
+    return companion.with_bounds({intercept: (None, None)})

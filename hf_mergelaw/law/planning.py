@@ -6,8 +6,8 @@ arrays in, float arrays out, ``inf`` where no k exists, so they apply unchanged 
 
     >>> int(k_for_target(0.20, 0.06, 0.0, 0.215))     # 0.06 / 0.015 = 4 experts
     4
-    >>> int(k_stop(0.06, 0.0, 0.002))                  # first k whose next expert gains < 0.002
-    5
+    >>> int(k_stop(0.06, 0.0, 0.002))   # at k=5 the next gain, 0.06/(5*6), is 0.002: not below
+    6
 
 :func:`plan` evaluates all of them for a :class:`FitResult` with intervals from its bootstrap
 (or Wald draws); :func:`three_point_recipe` forecasts from k in {1, 2, 4};
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import PlanningError
 from ..files import json_float
+from .diagnostics import answer_warnings
 from .fit_result import FitResult
 from .paper import MERGE_SECONDS_9, PAPER_SIZES
 from .records import at_size
@@ -92,7 +93,8 @@ class ThreePointForecast:
 
     ``clamped`` is True when the exact b was negative and the fit was redone with b = 0.
     ``forecast``/``forecast_ci`` are at ``k``; ``observed`` and ``rel_error`` are filled in when
-    the sweep measured that k.
+    the sweep measured that k. ``failed_draws`` is the share of Monte Carlo draws whose three
+    means did not bend like the law: the interval describes the others only.
     """
 
     L_inf: float
@@ -104,6 +106,7 @@ class ThreePointForecast:
     forecast_ci: tuple[float, float] | None = None
     observed: float | None = None
     rel_error: float | None = None
+    failed_draws: float | None = None
 
     def predict(self, k: Any) -> np.ndarray:
         return self.L_inf + self.A / (np.asarray(k, dtype=float) + self.b)
@@ -188,6 +191,10 @@ class Plan:
     k90_ci: tuple[int | None, int | None] | None = None
     three_point: ThreePointForecast | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    pool_size: int | None = None
+    pool_best: float | None = None  # the curve at k = pool size: merging every expert
+    population_floor: float | None = None  # L_inf + A / M: the floor of the experts' population
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,6 +220,11 @@ class Plan:
             f"k80 {self.k80}{_ci_text(self.k80_ci)}, k90 {self.k90}{_ci_text(self.k90_ci)} "
             f"(of the k=1->{self.k_max} gain)"
         )
+        if self.pool_size is not None:
+            lines.append(
+                f"pool of {self.pool_size}: merging all gives {self.pool_best:.4g} on average; "
+                f"floor of the population the experts come from {self.population_floor:.4g}"
+            )
         tp = self.three_point
         if tp is not None:
             ci = (
@@ -228,7 +240,11 @@ class Plan:
             lines.append(
                 f"three-point forecast at k={tp.k} (from k = 1, 2, 4): {tp.forecast:.4g}{ci}{seen}"
             )
-        return lines + [f"note: {note}" for note in self.notes]
+        return (
+            lines
+            + [f"warning: {warning}" for warning in self.warnings]
+            + [f"note: {note}" for note in self.notes]
+        )
 
 
 def _experts(k: int | None) -> str:
@@ -323,6 +339,9 @@ def plan(
         k90, k90_ci = _answer(
             lambda _f, _a, b_: k_for_fraction(0.9, b_, k_max), point, draws, level
         )
+        pool = fit.pool_size
+        answers = {"k_for_target": k_target, "k_eps": k_e, "k_stop": k_s, "k80": k80, "k90": k90}
+        warnings = _plan_warnings(fit, answers, pool)
         plans.append(
             Plan(
                 group=dict(fit.group),
@@ -348,9 +367,37 @@ def plan(
                 k90_ci=k90_ci,
                 three_point=_three_point_for(fit, size, k_max, level, seed, notes),
                 notes=notes,
+                warnings=warnings,
+                pool_size=pool,
+                pool_best=None if pool is None else floor + a / (pool + b),
+                population_floor=None if pool is None else floor + a / pool,
             )
         )
     return plans
+
+
+# The parts of the tail (L_inf, A, b) each answer reads.
+_ANSWER_PARTS = {
+    "k_for_target": ("L_inf", "A", "b"),
+    "k_eps": ("A", "b"),
+    "k_stop": ("A", "b"),
+    "k80": ("b",),
+    "k90": ("b",),
+}
+
+
+def _plan_warnings(fit: FitResult, answers: Mapping[str, Any], pool: int | None) -> list[str]:
+    """Answers that rest on a parameter a bound decided, and answers the pool cannot reach."""
+    given = {name: parts for name, parts in _ANSWER_PARTS.items() if answers[name] is not None}
+    warnings = answer_warnings(fit.law, fit.pinned, given)
+    if pool is not None:
+        warnings += [
+            f"{name} = {int(answers[name])} needs more experts than the pool has ({pool}): it "
+            "extrapolates the curve past the measured merges"
+            for name in given
+            if answers[name] > pool
+        ]
+    return warnings
 
 
 def _trust_notes(fit: FitResult, floor: float, tail: float) -> list[str]:
@@ -391,6 +438,12 @@ def _three_point_for(
     draws = y + se * rng.standard_normal((2000, 3))
     floor, a, b, _ = _three_point_arrays(*draws.T)
     curve = floor + a / (k_max + b)
+    failed = float(np.mean(~np.isfinite(curve)))
+    if failed > 0:
+        notes.append(
+            f"three-point interval: {failed:.0%} of the Monte Carlo draws of the k=1,2,4 means "
+            "do not bend like the law and are left out, so the interval is conditional on the rest"
+        )
     curve = curve[np.isfinite(curve)]
     ci = None
     if curve.size:
@@ -410,6 +463,7 @@ def _three_point_for(
         ci,
         observed,
         rel,
+        failed,
     )
 
 
@@ -420,7 +474,8 @@ class CostModel:
     ``base`` and ``per_expert`` are numbers or ``{N: cost}`` tables, interpolated log-log in N
     (linearly when a table has zeros) and extended along the end segments.
 
-    >>> CostModel(base={7: 100.0, 72: 1000.0}, per_expert=5.0, unit="GPU-h").cost(7, 3)
+    >>> model = CostModel(base={7: 100.0, 72: 1000.0}, per_expert=5.0, unit="GPU-h")
+    >>> round(float(model.cost(7, 3)), 6)
     115.0
     """
 

@@ -47,6 +47,7 @@ class SweepRecords:
         fields: other scalar columns (``method``, ``domain``, ...) as object arrays.
         dropped: rows removed during validation, counted by reason.
         n_read: rows read before validation.
+        subsets: each record's experts as a sorted tuple of names (None where not given).
     """
 
     k: np.ndarray
@@ -55,6 +56,7 @@ class SweepRecords:
     fields: dict[str, np.ndarray] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     n_read: int = 0
+    subsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.k.size)
@@ -62,6 +64,19 @@ class SweepRecords:
     @property
     def has_sizes(self) -> bool:
         return bool(np.isfinite(self.N).any())
+
+    @property
+    def pool_size(self) -> int | None:
+        """Experts in the pool: distinct names in the records' subsets (the most at any size),
+        None when the records name no subsets."""
+        if self.subsets is None or all(s is None for s in self.subsets):
+            return None
+        per_size: dict[float, set[str]] = {}
+        for size, subset in zip(self.N, self.subsets, strict=True):
+            per_size.setdefault(float(size) if np.isfinite(size) else -1.0, set()).update(
+                subset or ()
+            )
+        return max(len(names) for names in per_size.values())
 
     def select(self, mask: np.ndarray) -> SweepRecords:
         """The subset of records where ``mask`` holds (drop counts are kept)."""
@@ -72,6 +87,7 @@ class SweepRecords:
             {name: col[mask] for name, col in self.fields.items()},
             self.dropped,
             self.n_read,
+            None if self.subsets is None else self.subsets[mask],
         )
 
     def groups(self, by: Sequence[str]) -> list[tuple[dict[str, Any], SweepRecords]]:
@@ -315,6 +331,11 @@ def _validate(rows: list[Mapping[str, Any]], dropped: Counter[str], n_read: int)
             f"N = {np.nanmax(size_arr):.3g} looks like a raw parameter count; N is in billions "
             "of parameters (write 7 for a 7B model)"
         )
+    subsets = np.empty(len(kept), dtype=object)
+    subsets[:] = [
+        tuple(sorted(map(str, r["subset"]))) if isinstance(r.get("subset"), list | tuple) else None
+        for r in kept
+    ]
     return SweepRecords(
         k=np.array(ks, dtype=int),
         ce=np.array(ces, dtype=float),
@@ -322,6 +343,7 @@ def _validate(rows: list[Mapping[str, Any]], dropped: Counter[str], n_read: int)
         fields=_scalar_fields(kept),
         dropped=dict(dropped),
         n_read=n_read,
+        subsets=subsets,
     )
 
 

@@ -9,6 +9,10 @@ ship in :mod:`hf_mergelaw.law.paper`). Two scatter models:
   on the law (as in the paper, whose cells up to 7B hold all combinations).
 - ``"independent"``: each subset's CE is an independent normal draw around the law mean, the
   assumption under which the within-cell bootstrap is exact.
+- ``"population"``: each size's experts are drawn from a population and a subset's deviation is
+  the mean of its members' effects, scaled so the variance across random subsets of random
+  experts equals the variance law. The law is the population's mean curve; a pool's own cells
+  sit off it by the mean effect of the experts it happens to have (what planning must allow for).
 
 Usage::
 
@@ -53,7 +57,7 @@ def synthetic_sweep(
     ks: Sequence[int] = tuple(range(1, 10)),
     pool_size: int = 9,
     subsets: int | Literal["paper", "all"] = "paper",
-    scatter: Literal["pool", "independent"] = "pool",
+    scatter: Literal["pool", "independent", "population"] = "pool",
     design: Literal["uniform", "balanced"] = "uniform",
     seed: int = 0,
     **fields: Any,
@@ -65,7 +69,7 @@ def synthetic_sweep(
         variance_params: variance-law parameters; None gives noise-free records (one per cell).
         subsets: subsets per cell: ``"all"`` combinations, an int cap (uniform without
             replacement, at most C(M, k)), or ``"paper"`` (all up to 7B, 15 above).
-        scatter: ``"pool"`` or ``"independent"`` (see the module docstring).
+        scatter: ``"pool"``, ``"independent"`` or ``"population"`` (see the module docstring).
         design: how capped cells pick their subsets: ``"uniform"`` draws, or ``"balanced"``
             (every expert equally often, as the sweep's ``balanced`` strategy).
         fields: constant fields added to every record (``method="ties"``, ...).
@@ -120,6 +124,9 @@ def _deviations(
     if scatter == "independent":
         return rng.standard_normal(len(chosen))
     m, k = effects.size, len(chosen[0])
+    if scatter == "population":
+        # Effects are N(0, 1) draws: a mean of k has variance 1/k over experts and subsets.
+        return np.sqrt(k) * np.array([effects[list(s)].mean() for s in chosen])
     if k == m:
         return np.zeros(len(chosen))
     centred = effects - effects.mean()
