@@ -137,7 +137,7 @@ def test_predict_rows_nest_the_mean_interval_inside_the_prediction_interval(
     data = _json_out(capsys, ["predict", str(fit_file), "--N", "72", "--k", "1-9", "--json"])
     for row in data["predictions"]:
         assert set(row) >= {"group", "N", "k", "mean", "lo", "hi", "pi_lo", "pi_hi"}
-        assert row["pi_lo"] < row["lo"] < row["mean"] < row["hi"] < row["pi_hi"]
+        assert row["pi_lo"] <= row["lo"] < row["mean"] < row["hi"] <= row["pi_hi"]
 
 
 def test_predict_group_option_keeps_only_that_group(

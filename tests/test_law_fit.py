@@ -142,10 +142,28 @@ def test_bootstrap_is_seeded_and_resamples_subsets() -> None:
     c = fit_law(records, "joint", bootstrap=30, seed=6, variance=False)
     np.testing.assert_array_equal(a.bootstrap.params, b.bootstrap.params)
     assert not np.array_equal(a.bootstrap.params, c.bootstrap.params)
-    assert a.bootstrap.kind == "subsets"
+    assert a.bootstrap.kind == "experts"  # the records name their subsets: a population fit
     assert a.bootstrap.params.shape == (30 - a.bootstrap.n_failed, 6)
     lo, hi = a.ci["L_star"]
     assert lo < a.params["L_star"] < hi
+
+
+def test_pool_intervals_resample_subsets_only_and_are_narrower() -> None:
+    records = paper_sweep("average", "code", sizes=(0.5, 3.0, 7.0), seed=3)
+    pool = fit_law(records, "joint", bootstrap=30, seed=5, variance=False, target="pool")
+    population = fit_law(records, "joint", bootstrap=30, seed=5, variance=False)
+    assert pool.bootstrap.kind == "subsets" and pool.target == "pool"
+    pool_band = pool.predict(7.0, np.arange(1, 10))
+    population_band = population.predict(7.0, np.arange(1, 10))
+    assert np.all(pool_band.hi - pool_band.lo < population_band.hi - population_band.lo)
+
+
+def test_records_without_subsets_say_what_the_intervals_ignore() -> None:
+    records = [{k: v for k, v in r.items() if k != "subset"}
+               for r in paper_sweep("average", "code", sizes=(7.0,), seed=3)]  # fmt: skip
+    fit = fit_law(records, "per-size", bootstrap=20, seed=0)
+    assert fit.bootstrap.kind == "subsets"
+    assert any("ignore which experts the pool happens to have" in n for n in fit.notes)
 
 
 def test_one_merge_per_cell_uses_residual_bootstrap_and_residual_pi() -> None:

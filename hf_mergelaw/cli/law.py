@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import LawError
 from ..files import read_json
 from ..law.fit_result import FitReport, FitResult
-from ..law.fitting import LOSSES, WEIGHTS, fit_sweep
+from ..law.fitting import LOSSES, TARGETS, WEIGHTS, fit_sweep
 from ..law.paper import PAPER_SIZES
 from ..law.planning import CostModel, Plan, Tradeoff, plan, size_vs_experts
 from ..law.records import describe_dropped, load_records
@@ -81,7 +81,8 @@ def _add_fit(subparsers: Any) -> None:
         type=arguments.count(0, "--bootstrap", 100_000),
         default=0,
         metavar="N",
-        help="bootstrap replicates (subsets resampled within each (N, k) cell)",
+        help="bootstrap replicates (subsets resampled within each (N, k) cell; for the "
+        "population, plus the shift of a resampled pool of experts)",
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument(
@@ -91,6 +92,13 @@ def _add_fit(subparsers: Any) -> None:
         "--strict", action="store_true", help="fail on any invalid record instead of dropping it"
     )
     p.add_argument("--no-variance", action="store_true", help="skip the companion variance-law fit")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="population",
+        help="what intervals describe: the population the experts come from (default; what "
+        "planning needs) or this pool's own curve (every subset of these experts)",
+    )
     p.add_argument(
         "--pool-size",
         type=arguments.count(1, "--pool-size"),
@@ -117,6 +125,7 @@ def run_fit(args: argparse.Namespace) -> int:
         level=args.level,
         variance=not args.no_variance,
         pool_size=args.pool_size,
+        target=args.target,
     )
     for failure in report.failed:
         print(f"warning: {failure['error']}", file=sys.stderr)

@@ -75,13 +75,15 @@ class FittedCells:
 class Bootstrap:
     """Bootstrap replicates of the parameter vector.
 
-    ``kind`` is ``"subsets"`` (subsets resampled within each (N, k) cell) or ``"residuals"``
-    (used when no cell holds two subsets, so there is nothing to resample within cells).
+    ``kind`` is ``"experts"`` (subsets resampled within each (N, k) cell, plus the shift of a
+    resampled pool of experts: intervals for the population's curve), ``"subsets"`` (within
+    cells only: the records name no subsets, or the intervals are for the pool's own curve) or
+    ``"residuals"`` (no cell holds two subsets, so there is nothing to resample within cells).
     """
 
     requested: int
     seed: int | list[int]
-    kind: Literal["subsets", "residuals"]
+    kind: Literal["experts", "subsets", "residuals"]
     n_failed: int
     params: np.ndarray
 
@@ -151,6 +153,8 @@ class FitResult:
         notes: anything the user should know (imputed weights, skipped variance fit, ...).
         warnings: what makes the fit's answers doubtful, e.g. parameters a bound decided.
         pool_size: experts in the pool the records come from (None when they name no subsets).
+        target: what the intervals describe: ``"population"``, the curve of the population the
+            experts come from, or ``"pool"``, these experts' own curve (see :func:`fit_law`).
         checks: ``leave_out_k``, ``leave_out_size`` (forecasts of held-out cells) and
             ``lack_of_fit`` (chi-square against the sampling variance), each None when the
             records cannot support it (see :mod:`hf_mergelaw.law.diagnostics`).
@@ -178,6 +182,7 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     pool_size: int | None = None
     checks: dict[str, Any] = field(default_factory=dict)
+    target: str = "population"
 
     @property
     def pinned(self) -> dict[str, str]:
@@ -235,22 +240,27 @@ class FitResult:
         x = self._points(N, k)
         mean = self.law.evaluate(self.theta, x)
         z = z_value(level)
+        quantiles = [(1 - level) / 2, (1 + level) / 2]
         boot = self.bootstrap
+        spread, pi_source = self._single_merge_variance(x)
         if boot is not None and boot.usable:
             curves = self.law.evaluate_many(boot.params, x)
-            lo, hi = np.nanquantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
-            se, ci_source = np.nanstd(curves, axis=0, ddof=1), "bootstrap"
+            lo, hi = np.nanquantile(curves, quantiles, axis=0)
+            ci_source = "bootstrap"
+            # One merge = a curve drawn from the replicates plus its own scatter: the same
+            # replicates give both intervals, so the single-merge one always holds the other.
+            noise = np.random.default_rng(0).standard_normal(curves.shape)
+            pi_lo, pi_hi = np.nanquantile(curves + np.sqrt(spread) * noise, quantiles, axis=0)
+            pi_lo, pi_hi = np.minimum(pi_lo, lo), np.maximum(pi_hi, hi)
         else:
             grad = numeric_or_exact_jacobian(self.law, self.theta, x)
             with np.errstate(invalid="ignore"):
                 se = np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad))
             lo, hi, ci_source = mean - z * se, mean + z * se, "delta"
-        spread, pi_source = self._single_merge_variance(x)
-        if pi_source == "none":
-            pi_lo, pi_hi = lo, hi
-        else:
             half = z * np.sqrt(spread + np.nan_to_num(se) ** 2)
             pi_lo, pi_hi = mean - half, mean + half
+        if pi_source == "none":
+            pi_lo, pi_hi = lo, hi
         return Prediction(
             N=x.get("N", np.full(mean.shape, np.nan)),
             k=x["k"],
@@ -325,6 +335,7 @@ class FitResult:
                 "pinned": self.pinned,
                 "pool_size": self.pool_size,
                 "checks": self.checks,
+                "target": self.target,
             }
         )
 
@@ -367,6 +378,7 @@ class FitResult:
             warnings=list(data.get("warnings", [])),
             pool_size=data.get("pool_size"),
             checks=dict(data.get("checks", {})),
+            target=data.get("target", "population"),
         )
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from math import comb
 from typing import Any, Literal
 
 import numpy as np
@@ -37,12 +38,15 @@ from scipy.optimize import least_squares, lsq_linear
 
 from ..errors import FitError, LawError
 from .diagnostics import bound_warnings, forecast, lack_of_fit
+from .experts import PoolOffsets, pool_offsets
 from .fit_result import Bootstrap, FitReport, FitResult, FittedCells
 from .laws import Bound, Law, Param, get_law, variance_companion
 from .records import CellTable, RecordSource, SweepRecords, at_size, load_records, make_cells
 from .uncertainty import numeric_or_exact_jacobian, z_value
 
 Weights = Literal["k", "none", "inverse-variance", "sampling"]
+Target = Literal["population", "pool"]
+TARGETS: tuple[str, ...] = ("population", "pool")
 Loss = Literal["linear", "huber"]
 WEIGHTS: tuple[str, ...] = ("k", "none", "inverse-variance", "sampling")
 LOSSES: tuple[str, ...] = ("linear", "huber")
@@ -119,6 +123,7 @@ def fit_law(
     max_nfev: int | None = None,
     group: Mapping[str, Any] | None = None,
     pool_size: int | None = None,
+    target: Target = "population",
 ) -> FitResult:
     """Fit one law to the records of one group.
 
@@ -141,6 +146,11 @@ def fit_law(
         group: grouping values stored on the result.
         pool_size: experts in the pool (default: the distinct names in the records' subsets);
             it gives the variance law its finite-pool form and plans their limit.
+        target: what the intervals are about. ``"population"`` (default, what planning needs):
+            the curve of the population the experts come from, so they include how far a pool
+            of these few experts sits from it (:mod:`hf_mergelaw.law.experts`; records need
+            their ``subset`` names). ``"pool"``: this pool's own curve, every subset of these
+            experts (a cell that holds all of them has no sampling error).
 
     Raises:
         FitError: one k value, fewer cells than parameters, too few sizes for an N law, or no
@@ -173,16 +183,25 @@ def fit_law(
         problem = _huber_problem(problem, theta)
         theta = _refine(problem, [theta], label)
     pool = pool_size if pool_size is not None else records.pool_size
+    if target not in TARGETS:
+        raise LawError(f"target must be one of {TARGETS}, got {target!r}")
+    offsets = pool_offsets(records) if target == "population" and law.target == "mean" else None
+    if target == "population" and law.target == "mean" and offsets is None:
+        notes.append(
+            "the records name no subsets, so the intervals treat subsets as independent draws "
+            "and ignore which experts the pool happens to have (add each record's subset)"
+        )
 
     fitted = law.evaluate(theta, problem.x)
     resid = y - fitted
     dof = len(y) - len(theta)
     s2 = float(np.sum(w * resid**2) / dof) if dof > 0 else np.nan
-    covariance = _covariance(law, theta, problem, s2)
+    covariance = _covariance(law, theta, problem, s2, cells, offsets)
     boot = None
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
-        boot = _bootstrap(problem, cells, theta, fitted, bootstrap, rng, seed)
+        finite = pool if target == "pool" else None
+        boot = _bootstrap(problem, cells, theta, fitted, bootstrap, rng, seed, offsets, finite)
         if not boot.usable:
             notes.append(
                 f"only {boot.params.shape[0]} of {bootstrap} bootstrap refits succeeded; "
@@ -211,6 +230,7 @@ def fit_law(
         notes=notes,
         warnings=bound_warnings(law, theta, group),
         pool_size=pool,
+        target=target,
     )
     if variance and law.target == "mean":
         result_fit.variance = _companion_variance(
@@ -232,9 +252,9 @@ def fit_sweep(
     """Load records, split them by ``by`` fields (and by N for laws without N), fit each group.
 
     ``options`` are passed to :func:`fit_law` (``params``, ``weights``, ``loss``, ``bootstrap``,
-    ``level``, ``variance``, ``max_nfev``, ``pool_size``). Group ``i`` bootstraps with seed
-    ``[seed, i]``. A group that cannot be fitted is listed in ``report.failed`` with its reason
-    and the others are fitted; only when none can be is it an error.
+    ``level``, ``variance``, ``max_nfev``, ``pool_size``, ``target``). Group ``i`` bootstraps
+    with seed ``[seed, i]``. A group that cannot be fitted is listed in ``report.failed`` with
+    its reason and the others are fitted; only when none can be is it an error.
 
     >>> report = fit_sweep(records, form="per-size", by=("method",))      # doctest: +SKIP
     >>> [(f.group, f.params["A"]) for f in report.fits]                   # doctest: +SKIP
@@ -499,15 +519,33 @@ def _huber_problem(problem: _Problem, theta: np.ndarray) -> _Problem:
     return replace(problem, loss="huber", f_scale=max(_HUBER_C * sd, 1e-8))
 
 
-def _covariance(law: Law, theta: np.ndarray, problem: _Problem, s2: float) -> np.ndarray:
+def _covariance(
+    law: Law,
+    theta: np.ndarray,
+    problem: _Problem,
+    s2: float,
+    cells: CellTable,
+    offsets: PoolOffsets | None,
+) -> np.ndarray:
+    """Wald covariance; with pool offsets, plus their part (a sandwich: shifts shared by the
+    cells of a size do not average out the way independent cell errors do)."""
     jw = numeric_or_exact_jacobian(law, theta, problem.x) * problem.sqrt_w[:, None]
     if not np.isfinite(s2) or not np.all(np.isfinite(jw)):
         return np.full((len(theta), len(theta)), np.nan)
-    return s2 * np.linalg.pinv(jw.T @ jw)
+    bread = np.linalg.pinv(jw.T @ jw)
+    covariance = s2 * bread
+    if offsets is not None:
+        gain = bread @ jw.T * problem.sqrt_w[None, :]  # d theta / d y
+        covariance = covariance + gain @ offsets.cell_covariance(cells.N) @ gain.T
+    return covariance
 
 
 def _resampled_statistics(
-    cells: CellTable, target: str, n_boot: int, rng: np.random.Generator
+    cells: CellTable,
+    target: str,
+    n_boot: int,
+    rng: np.random.Generator,
+    pool_size: int | None = None,
 ) -> np.ndarray:
     """(n_boot, n_cells) cell statistics after resampling each cell's subsets with replacement.
 
@@ -521,12 +559,17 @@ def _resampled_statistics(
     single_var = _single_merge_variance(cells)
     for j, values in enumerate(cells.values):
         n = values.size
+        # Sampled without replacement from the C(M, k) subsets of a known pool.
+        total = n if pool_size is None else max(comb(pool_size, int(cells.k[j])), n)
+        fpc = 1.0 if pool_size is None else 1 - n / total
         if n == 1:
-            out[:, j] = values[0] + np.sqrt(single_var[j]) * rng.standard_normal(n_boot)
+            spread = np.sqrt(single_var[j] * fpc)
+            out[:, j] = values[0] + spread * rng.standard_normal(n_boot)
             continue
         draws = values[rng.integers(0, n, size=(n_boot, n))]
         if target == "mean":
-            out[:, j] = values.mean() + np.sqrt(n / (n - 1)) * (draws.mean(axis=1) - values.mean())
+            inflate = np.sqrt(n / (n - 1) * fpc)
+            out[:, j] = values.mean() + inflate * (draws.mean(axis=1) - values.mean())
         else:
             out[:, j] = draws.var(axis=1, ddof=1)
     return out
@@ -553,10 +596,17 @@ def _bootstrap(
     n_boot: int,
     rng: np.random.Generator,
     seed: int | Sequence[int],
+    offsets: PoolOffsets | None = None,
+    pool_size: int | None = None,
 ) -> Bootstrap:
+    """Replicates of the cell statistics, refitted: subsets resampled within cells (scaled by
+    the finite-population factor for the pool's own curve), plus, for the population curve,
+    the shift of a resampled pool of experts (``offsets``)."""
     if (cells.n >= 2).any():
-        kind = "subsets"
-        ys = _resampled_statistics(cells, problem.law.target, n_boot, rng)
+        kind = "subsets" if offsets is None else "experts"
+        ys = _resampled_statistics(cells, problem.law.target, n_boot, rng, pool_size)
+        if offsets is not None:
+            ys = ys + offsets.draw(cells.N, n_boot, rng)
     else:
         # Nothing to resample within cells: resample weighted residuals instead, inflated for
         # the parameters' degrees of freedom.
