@@ -115,6 +115,22 @@ def test_report_states_the_fit_the_plan_and_the_science_check(runs):
     assert not list(first.output_dir.glob(".*.tmp"))  # atomic writes left no temp files
 
 
+def test_every_bound_pinned_parameter_and_the_answers_on_it_carry_a_warning(runs):
+    first, _ = runs
+    report = FitReport.load(first.fit)
+    text = first.report.read_text()
+    assert any(fit.pinned for fit in report.fits)  # the quick pool pins b on several curves
+    for fit in report.fits:
+        for name, side in fit.pinned.items():
+            assert any(w.startswith(f"{name} = ") and side in w for w in fit.warnings)
+            assert fit.warnings[0] in text
+    plans = json.loads(first.plan.read_text())
+    for fit in report.select({"domain": "macro"}):
+        if "b" in fit.pinned:
+            warnings = plans[fit.group["method"]]["warnings"]
+            assert any(w.startswith("k90 rests on b") for w in warnings)
+
+
 def test_second_run_loads_the_cache_and_resumes(runs):
     first, second = runs
     assert first.pool.built and not second.pool.built

@@ -51,7 +51,7 @@ def fit_rows(fits: Sequence[FitResult]) -> list[tuple[str, str, float, float, fl
     return [
         (
             f.group["method"],
-            "cross-domain" if f.group["domain"] == CROSS_DOMAIN else f.group["domain"],
+            _curve(f),
             f.params["L_inf"],
             f.params["A"],
             f.params["b"],
@@ -60,6 +60,19 @@ def fit_rows(fits: Sequence[FitResult]) -> list[tuple[str, str, float, float, fl
         )
         for f in ordered
     ]
+
+
+def warning_lines(fits: Sequence[FitResult]) -> list[str]:
+    """Each curve's warnings (parameters a bound decided), as a list under the fit table."""
+    lines = [
+        f"- {f.group['method']}, {_curve(f)}: {warning}" for f in fits for warning in f.warnings
+    ]
+    return ["", "Warnings:", "", *lines] if lines else []
+
+
+def _curve(fit: FitResult) -> str:
+    domain = fit.group["domain"]
+    return "cross-domain" if domain == CROSS_DOMAIN else domain
 
 
 def verdict_lines(check: ScienceCheck, settings: DemoSettings) -> list[str]:
@@ -203,6 +216,7 @@ def render_report(inputs: ReportInputs) -> str:
         out.append(
             f"| {method} | {curve} | {floor:.4f} | {a:.4f} | {b:.3f} | {r2:.4f} | {rmse:.2g} |"
         )
+    out += warning_lines(inputs.fits.fits)
     out += ["", "## Plan (cross-domain)", ""]
     out += [
         "Stop rule: stop at the first k whose next expert gains less than the smallest "
