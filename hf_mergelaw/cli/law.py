@@ -27,7 +27,8 @@ from .output import emit, fmt, group_label
 FORM_HELP = (
     "law to fit: per-size (L_inf + A/(k+b), one fit per N), joint (L_star + B N^-beta + "
     "A0 N^-gamma/(k+b)), variance (same shape, fitted to the subset variance), "
-    "variance-per-size, free-exponent (L_inf + A/(k+b)^delta), or a formula over N and k such "
+    "variance-per-size, free-exponent (L_inf + A/(k+b)^delta), ties-per-size (the paper's TIES "
+    "curve: L_inf + A/(k+b) + D k/(k+q)), or a formula over N and k such "
     "as 'L = c + a/(k+b)**d' whose parameters are declared with --param"
 )
 MAX_K_MAX = 1000  # the gain curve and the trade-off grid run over 1..k_max
