@@ -144,7 +144,8 @@ class ExpertPool:
             try:
                 prepared = [self._prepared_vector(method, expert, name) for expert in experts]
                 vectors = [v.to(self.device, non_blocking=True) for v, _ in prepared]
-                parameter.copy_(method.merge(base, vectors, [scale for _, scale in prepared]))
+                scales = [scale for _, scale in prepared]
+                parameter.copy_(method.merge(base, vectors, scales, tensor_name=name))
             except ValueError as error:
                 raise PoolError(
                     f"{method.label} cannot merge tensor {name!r} of experts {list(subset)} "

@@ -34,6 +34,9 @@ FUSED_FROM: dict[str, str] = {
     "ties_fused": "ties",
     "dare_ties_fused": "dare_ties",
     "dare_linear_fused": "dare_linear",
+    "task_arithmetic_fused": "task_arithmetic",
+    "breadcrumbs_fused": "breadcrumbs",
+    "breadcrumbs_ties_fused": "breadcrumbs_ties",
 }
 
 # A plain validator, so the config error names the parameter (pydantic's would not).
@@ -49,16 +52,22 @@ _SUPPORTED = {
     (ConsensusMethod.sum, SparsificationMethod.magnitude),
     (ConsensusMethod.sum, SparsificationMethod.random),
     (None, SparsificationMethod.random),
+    (None, None),
+    (None, SparsificationMethod.magnitude_outliers),
+    (ConsensusMethod.sum, SparsificationMethod.magnitude_outliers),
 }
 
 
 @dataclass(frozen=True)
 class FusedTaskArithmeticMerge(GroupMergeMethod):
-    """mergekit's `stock` method (`ties`, `dare_ties` or `dare_linear`) under `name`, with the
-    per-tensor math done by `triton_ops`.
+    """mergekit's `stock` method (`ties`, `dare_ties`, `dare_linear`, `task_arithmetic`,
+    `breadcrumbs` or `breadcrumbs_ties`) under `name`, with the per-tensor math done by
+    `triton_ops`.
 
     Its spec is the stock method's public spec, renamed; DARE variants add a shared `seed`
     (default 0). `int8_mask` is accepted and ignored: the fused merge builds no mask tensor.
+    Weights, and DARE densities, are rounded to the compute dtype exactly as mergekit rounds
+    them, so the fused method makes mergekit's sign decisions.
     """
 
     stock: GeneralizedTaskArithmeticMerge
@@ -69,7 +78,8 @@ class FusedTaskArithmeticMerge(GroupMergeMethod):
         if pair not in _SUPPORTED:
             raise ValueError(
                 f"{self.name}: no fused kernel for consensus={pair[0]} with "
-                f"sparsification={pair[1]}; supported are TIES, DARE-TIES and DARE-linear."
+                f"sparsification={pair[1]}; supported are task arithmetic, TIES, DARE-TIES, "
+                "DARE-linear, Breadcrumbs and Breadcrumbs-TIES."
             )
 
     @cached_property
@@ -81,8 +91,17 @@ class FusedTaskArithmeticMerge(GroupMergeMethod):
         )
 
     @property
+    def consensus_method(self) -> ConsensusMethod | None:
+        """The stock method's attribute, for code that inspects a method (mergekit's tests do)."""
+        return self.stock.consensus_method
+
+    @property
+    def sparsification_method(self) -> SparsificationMethod | None:
+        return self.stock.sparsification_method
+
+    @property
     def is_dare(self) -> bool:
-        return self.stock.sparsification_method == SparsificationMethod.random
+        return self.sparsification_method == SparsificationMethod.random
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
@@ -90,38 +109,64 @@ class FusedTaskArithmeticMerge(GroupMergeMethod):
         if not entries:
             return base
         name = group.metadata.name
+        try:
+            return self._merge(base, entries, name, parameters)
+        except ValueError as error:
+            ids = ", ".join(f"{i}: {entry.id!r}" for i, entry in enumerate(entries))
+            raise ValueError(
+                f"{self.name} cannot merge tensor {name!r}: {error} (experts by index: {ids})"
+            ) from error
+
+    def _merge(
+        self,
+        base: torch.Tensor,
+        entries: Sequence[TensorEntry],
+        name: str | None,
+        parameters: dict[str, Any],
+    ) -> torch.Tensor:
         experts, densities = self._effective_inputs(
             base, entries, parameters["density"], tensor_name=name
         )
-        weights = parameters["weight"].values_for(entries)
-        try:
-            if self.is_dare:
-                return triton_ops.dare_merge(
-                    base,
-                    experts,
-                    weights=weights,
-                    densities=densities,
-                    consensus=self.stock.consensus_method is not None,
-                    normalize=parameters["normalize"],
-                    rescale="l1" if parameters["rescale"] else None,
-                    lambda_=parameters["lambda"],
-                    seed=parameters["seed"],
-                    stream=tensor_stream(name or ""),
-                )
+        # mergekit multiplies the deltas by torch.tensor(weights, dtype=compute dtype).
+        weights = _as_mergekit_rounds(parameters["weight"].values_for(entries), base.dtype)
+        shared = dict(weights=weights, lambda_=parameters["lambda"])
+        method = self.sparsification_method
+        consensus = self.consensus_method is not None
+        if method == SparsificationMethod.random:
+            return triton_ops.dare_merge(
+                base,
+                experts,
+                densities=_as_mergekit_rounds(densities, _bernoulli_dtype(base)),
+                consensus=consensus,
+                normalize=parameters["normalize"],
+                rescale="l1" if parameters["rescale"] else None,
+                seed=parameters["seed"],
+                stream=tensor_stream(name or ""),
+                **shared,
+            )
+        if method == SparsificationMethod.magnitude:
             return triton_ops.ties_merge(
                 base,
                 experts,
-                weights=weights,
                 densities=densities,
                 normalize=parameters["normalize"],
-                lambda_=parameters["lambda"],
+                rescale=parameters["rescale"],
+                **shared,
             )
-        except ValueError as error:
-            # float64 is the one compute dtype mergekit offers that the kernels do not.
-            hint = (
-                " Set `dtype: float32` in the merge config." if base.dtype == torch.float64 else ""
+        if method == SparsificationMethod.magnitude_outliers:
+            return triton_ops.breadcrumbs_merge(
+                base,
+                experts,
+                densities=densities,
+                gammas=parameters["gamma"].values_for(entries),
+                consensus=consensus,
+                normalize=parameters["normalize"],
+                rescale=parameters["rescale"],
+                **shared,
             )
-            raise ValueError(f"{self.name} cannot merge tensor {name!r}: {error}{hint}") from error
+        return triton_ops.task_arithmetic(
+            base, experts, normalize=parameters["normalize"], **shared
+        )
 
     def _effective_inputs(
         self,
@@ -153,13 +198,27 @@ class FusedTaskArithmeticMerge(GroupMergeMethod):
         return experts, kept
 
 
+def _as_mergekit_rounds(values: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """The values as a tensor of `dtype` holds them (exact for float64)."""
+    return torch.tensor(list(values), dtype=dtype).tolist()
+
+
+def _bernoulli_dtype(base: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit's `bernoulli` draws its keep probability in: the tensor's, except on
+    the CPU, where only bfloat16 stays and the rest is drawn in float32."""
+    if base.device.type != "cpu" or base.dtype == torch.bfloat16:
+        return base.dtype
+    return torch.float32
+
+
 FUSED_METHODS: tuple[FusedTaskArithmeticMerge, ...] = tuple(
     FusedTaskArithmeticMerge(merge_methods.get(stock), name) for name, stock in FUSED_FROM.items()
 )
 
 
 def register() -> None:
-    """Register `ties_fused`, `dare_ties_fused` and `dare_linear_fused` with mergekit; idempotent.
+    """Register the fused methods (`ties_fused`, `dare_ties_fused`, `dare_linear_fused`,
+    `task_arithmetic_fused`, `breadcrumbs_fused`, `breadcrumbs_ties_fused`); idempotent.
 
     >>> import mergekit_plugins  # importing registers; calling again is a no-op
     >>> mergekit_plugins.register()

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.merge_problems import draw_problem
-from triton_ops import dare_merge, task_arithmetic, ties_merge
-from triton_ops.philox import expert_key, keep_threshold, philox_uniform32
+from triton_ops import breadcrumbs_merge, dare_merge, task_arithmetic, ties_merge
+from triton_ops.keep_hash import draw, expert_key, keep_threshold
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def on_device(base: torch.Tensor, experts: list[torch.Tensor]) -> tuple[torch.Te
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of `dtype` at each |value| (float64), the subnormal spacing near zero."""
-    mantissa_bits = {F32: 23, BF16: 7, F16: 10}[dtype]
+    mantissa_bits = {F32: 23, BF16: 7, F16: 10, torch.float64: 52}[dtype]
     magnitude = values.double().abs().clamp_min(torch.finfo(dtype).tiny)
     return torch.exp2(torch.floor(torch.log2(magnitude)) - mantissa_bits)
 
@@ -151,6 +151,34 @@ def test_task_arithmetic_on_gpu_matches_the_torch_reference(
         normalize=normalize,
         lambda_=lambda_,
     )
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "consensus", "rescale"),
+    [((4096, 4096), BF16, True, False), ((1000, 4097), F32, False, True)],
+)
+def test_breadcrumbs_on_gpu_matches_the_torch_reference(shape, dtype, consensus, rescale) -> None:
+    base, experts = draw_problem(shape, 4, dtype, seed=30)
+    compare_backends(
+        breadcrumbs_merge,
+        base,
+        experts,
+        weights=list(POWER_OF_TWO_WEIGHTS[:4]),
+        densities=[0.9, 0.5, 1.0, 0.2],
+        gammas=[0.01, 0.1, 0.0, 0.3],
+        consensus=consensus,
+        normalize=consensus,
+        rescale=rescale,
+    )
+
+
+def test_float64_on_gpu_matches_the_torch_reference() -> None:
+    base, experts = draw_problem((1000, 4097), 3, torch.float64, seed=31)
+    options = dict(weights=[1.0, 0.5, -0.25], densities=[0.3, 1.0, 0.6])
+    expected = ties_merge(base, experts, backend="torch", **options)
+    gpu_base, gpu_experts = on_device(base, experts)
+    got = ties_merge(gpu_base, gpu_experts, backend="triton", **options).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 # --- keep decisions, exactly ------------------------------------------------------------------
@@ -292,7 +320,8 @@ def test_dare_beyond_2_to_31_elements(huge_problem: tuple[torch.Tensor, list]) -
         mixed = torch.zeros(stop - start, dtype=torch.float32)
         region_base = base[start:stop].cpu()
         for i, expert in enumerate(experts):
-            draws = philox_uniform32(expert_key(seed, 0, i), start, stop - start)
+            key = expert_key(seed, 0, i)
+            draws = torch.tensor([draw(key, index) for index in range(start, stop)])
             keep = draws < keep_threshold(densities[i])
             delta = (expert[start:stop].cpu() - region_base).float()
             mixed += torch.where(keep, delta * (weights[i] / densities[i]), 0.0)

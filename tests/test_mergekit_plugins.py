@@ -23,7 +23,14 @@ import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-FUSED = ("ties_fused", "dare_ties_fused", "dare_linear_fused")
+FUSED = (
+    "ties_fused",
+    "dare_ties_fused",
+    "dare_linear_fused",
+    "task_arithmetic_fused",
+    "breadcrumbs_fused",
+    "breadcrumbs_ties_fused",
+)
 # Exactly representable in bf16, so mergekit's rounding of weights to the compute dtype is moot.
 WEIGHTS = (0.5, 0.75, 1.0)
 DENSITIES = (0.3, 0.5, 0.7)
@@ -435,11 +442,16 @@ def test_dare_fused_rejects_negative_density_and_bad_seed_clearly(method: str) -
         assert isinstance(error, ValueError) and "seed" in str(error)
 
 
-def test_unsupported_dtype_names_tensor_and_fix() -> None:
-    a, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    error = _error_of("ties_fused", [a, b], parameters={"weight": [1.0]}, base_index=0)
+def test_a_non_finite_expert_is_named_with_the_tensor() -> None:
+    a, b, c = torch.zeros(8), torch.ones(8), torch.ones(8)
+    c[3] = float("nan")
+    parameters = {"weight": [1.0, 1.0]}
+    error = _error_of(
+        "ties_fused", [a, b, c], parameters=parameters, base_index=0, ids=["base", "math", "code"]
+    )
     assert isinstance(error, ValueError)
-    assert "model.norm.weight" in str(error) and "dtype: float32" in str(error)
+    assert "model.norm.weight" in str(error) and "expert 1 has 1 non-finite" in str(error)
+    assert "1: 'code'" in str(error)
 
 
 def test_mergekit_density_conventions_are_kept() -> None:

@@ -25,7 +25,7 @@ from mergekit.sparsify import magnitude
 from tests.merge_problems import draw_problem
 from triton_ops import dare_merge, task_arithmetic, ties_merge
 from triton_ops.inputs import KEY_BITS
-from triton_ops.selection import magnitude_key, magnitude_threshold
+from triton_ops.selection import magnitude_key, radix_select
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16)
@@ -64,12 +64,11 @@ def top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return torch.ones_like(flat, dtype=torch.bool).reshape(delta.shape)
     key = magnitude_key(flat).long()
-    threshold = magnitude_threshold(
-        magnitude_key(flat), max(1, int(density * flat.numel())), KEY_BITS[delta.dtype]
-    )
+    rank = max(1, int(density * flat.numel())) - 1
+    (threshold,) = radix_select(lambda: iter((magnitude_key(flat),)), [rank], KEY_BITS[delta.dtype])
     tied = key == threshold.key
     tie_rank = torch.cumsum(tied.long(), 0) - tied.long()
-    kept = (key > threshold.key) | (tied & (tie_rank < threshold.ties_kept))
+    kept = (key > threshold.key) | (tied & (tie_rank <= threshold.position))
     return kept.reshape(delta.shape)
 
 

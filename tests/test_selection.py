@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triton_ops import reference, ties_merge
-from triton_ops.selection import MagnitudeThreshold, magnitude_key, magnitude_threshold
-from triton_ops.ties import BLOCK
+from triton_ops.merge_pass import BLOCK
+from triton_ops.selection import Bound, magnitude_key, radix_select
 
 BACKENDS = ("torch", "triton")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def spec_kept_count(density: float, numel: int) -> int:
@@ -37,12 +37,18 @@ def brute_force_top_k(magnitudes: list[float], k: int) -> list[bool]:
     return kept
 
 
-def kept_by_threshold(keys: torch.Tensor, threshold: MagnitudeThreshold) -> torch.Tensor:
-    """What a `MagnitudeThreshold` means: keys above it, plus its first `ties_kept` equal ones."""
+def magnitude_threshold(keys: torch.Tensor, k: int, key_bits: int) -> Bound:
+    """The bound of a top-k trim: the entry of rank k - 1."""
+    (bound,) = radix_select(lambda: iter((keys,)), [k - 1], key_bits)
+    return bound
+
+
+def kept_by_threshold(keys: torch.Tensor, threshold: Bound) -> torch.Tensor:
+    """What a lower `Bound` means: keys above it, plus its ties up to its position."""
     keys = keys.long()
     tied = keys == threshold.key
     tie_rank = torch.cumsum(tied.long(), 0) - tied.long()
-    return (keys > threshold.key) | (tied & (tie_rank < threshold.ties_kept))
+    return (keys > threshold.key) | (tied & (tie_rank <= threshold.position))
 
 
 def integer_problem(
@@ -195,8 +201,8 @@ def test_magnitude_threshold_matches_a_stable_sort_on_16_bit_keys(
     k = data.draw(st.integers(1, numel))
     keys = torch.tensor(values, dtype=torch.int16)
     threshold = magnitude_threshold(keys, k, 15)
-    assert threshold.ties_total == values.count(threshold.key)
-    assert 1 <= threshold.ties_kept <= threshold.ties_total
+    assert threshold.ties == values.count(threshold.key)
+    assert 0 <= threshold.position < threshold.ties
     kept = kept_by_threshold(keys, threshold)
     assert kept.tolist() == brute_force_top_k([float(v) for v in values], k)
 
@@ -220,7 +226,7 @@ def test_magnitude_threshold_matches_a_stable_sort_on_31_bit_keys(
     k = data.draw(st.integers(1, numel))
     keys = torch.tensor(values, dtype=torch.int32)
     threshold = magnitude_threshold(keys, k, 31)
-    assert threshold.ties_total == values.count(threshold.key)
+    assert threshold.ties == values.count(threshold.key)
     kept = kept_by_threshold(keys, threshold)
     assert kept.tolist() == brute_force_top_k([float(v) for v in values], k)
 
@@ -230,6 +236,7 @@ FLOAT_POOLS = {
     torch.float32: [1.0, -1.0, 1.0000001, 3e-38, 1e-45, -2e-40, 65504.0, 0.5, -0.5, 1e30],
     torch.bfloat16: [1.0, -1.0, 1.0078125, 1e-39, -9.2e-41, 0.5, -0.5, 3.0e38, 2.0, -2.0],
     torch.float16: [1.0, -1.0, 1.0009765625, 6e-8, -1.2e-7, 6.1e-5, 0.5, -0.5, 65504.0, 2.0],
+    torch.float64: [1.0, -1.0, 1.0 + 2**-52, 1e-300, 5e-324, -2e-310, 1e300, 0.5, -0.5, 2.0],
 }
 
 
@@ -245,7 +252,7 @@ def test_ties_merge_keeps_the_top_k_magnitudes_lowest_index_first(
         st.lists(st.sampled_from(FLOAT_POOLS[dtype]), min_size=numel, max_size=numel)
     )
     density = data.draw(st.floats(1e-6, 1.0))
-    expert = torch.tensor(values).to(dtype)
+    expert = torch.tensor(values, dtype=torch.float64).to(dtype)
     base = torch.zeros_like(expert)
     kept = kept_by_ties_merge(base, expert, density, "torch")
     magnitudes = expert.double().abs().tolist()
@@ -261,3 +268,33 @@ def test_magnitude_key_orders_like_the_absolute_value() -> None:
     )
     assert int(keys[0]) == int(keys[1]) == 0  # -0.0 and 0.0 are the same magnitude
     assert int(keys[2]) == int(keys[3])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=st.data(),
+    pool=st.lists(st.integers(0, 2**15 - 1), min_size=1, max_size=6, unique=True),
+    numel=st.integers(1, 200),
+)
+def test_two_ranks_in_one_select_are_those_of_a_stable_sort(
+    data: st.DataObject, pool: list[int], numel: int
+) -> None:
+    # Breadcrumbs selects two ranks per expert in the same passes: each must be the entry a
+    # stable sort by (-key, index) puts there, with its position among its ties.
+    values = data.draw(st.lists(st.sampled_from(pool), min_size=numel, max_size=numel))
+    ranks = sorted(data.draw(st.lists(st.integers(0, numel - 1), min_size=2, max_size=2)))
+    order = sorted(range(numel), key=lambda i: (-values[i], i))
+    bounds = radix_select(lambda: iter((torch.tensor(values, dtype=torch.int16),)), ranks, 15)
+    for rank, bound in zip(ranks, bounds, strict=True):
+        entry = order[rank]
+        assert bound.key == values[entry]
+        assert bound.position == sum(values[i] == bound.key for i in range(entry))
+        assert bound.ties == values.count(bound.key)
+
+
+def test_magnitude_key_of_float64_orders_like_the_absolute_value() -> None:
+    values = torch.tensor([0.0, -0.0, 5e-324, 1e-300, 1.0, -1.5, 1e300, -float("inf")])
+    keys = magnitude_key(values.double())
+    assert keys.dtype == torch.int64
+    assert keys.tolist() == sorted(keys.tolist())
+    assert int(keys[0]) == int(keys[1]) == 0

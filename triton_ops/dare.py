@@ -1,11 +1,11 @@
 """Fused DARE merge (drop and rescale), with or without TIES sign consensus.
 
-Keep decisions come from counter-based Philox draws (see philox.py), so the L1 pass and the merge
+Keep decisions come from counter-based draws (see keep_hash.py), so the L1 pass and the merge
 pass regenerate the same mask instead of storing it. Passes over the inputs:
 1. Only for `rescale="l1"`: per block and expert, sum |delta| and sum |kept delta| (per-block
    partials, summed by torch: deterministic), and count non-finite deltas.
-2. The merge: drop, scale by weight x rescale factor, then a plain sum or the sign-elected
-   disjoint mean, fp32 accumulation, base added and the output written once.
+2. The merge (merge_pass): drop, scale by weight x rescale factor, then a plain sum or the
+   sign-elected disjoint mean, base added and the output written once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 
 from .inputs import NONFINITE_KEY, MergeInputs, raise_for_nonfinite
+from .keep_hash import expert_key, keep_threshold, word_keys
 from .kernel_utils import (
+    accumulator,
     block_offsets,
     count_nonfinite,
     expert_pointer_table,
@@ -23,8 +25,7 @@ from .kernel_utils import (
     merge_grid,
     random_keep,
 )
-from .merge_pass import BLOCK, NUM_WARPS, launch_merge
-from .philox import expert_key, keep_threshold
+from .merge_pass import BLOCK, NUM_WARPS, RandomKeepTables, launch_merge
 from .scales import dare_factors
 
 
@@ -32,22 +33,25 @@ from .scales import dare_factors
 def _dare_l1_kernel(
     base_ptr,
     expert_ptrs,
-    key_ptr,
+    word_key_ptr,
     threshold_ptr,
     partial_ptr,
     nonfinite_ptr,
     numel,
     num_experts,
+    num_words,
+    ACC: tl.constexpr,
     NONFINITE_KEY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, offsets, in_bounds = block_offsets(numel, BLOCK)
+    _, offsets, in_bounds = block_offsets(numel, BLOCK)
     base = tl.load(base_ptr + offsets, mask=in_bounds, other=0.0)
     num_blocks = tl.num_programs(0)
     for i in range(num_experts):
-        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds)
-        magnitude = tl.abs(delta.to(tl.float32))
-        keep = random_keep(tl.load(key_ptr + i), start, tl.load(threshold_ptr + i), BLOCK)
+        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds, ACC, False)
+        magnitude = tl.abs(delta.to(ACC))
+        threshold = tl.load(threshold_ptr + i)
+        keep = random_keep(word_key_ptr, i, num_words, offsets, in_bounds, threshold)
         row = partial_ptr + 2 * i * num_blocks + tl.program_id(0)
         tl.store(row, tl.sum(magnitude))
         tl.store(row + num_blocks, tl.sum(tl.where(keep, magnitude, 0.0)))
@@ -65,40 +69,50 @@ def dare_merge_triton(
     stream: int,
 ) -> torch.Tensor:
     device = inputs.base.device
-    keys = torch.tensor(
-        [expert_key(seed, stream, i) for i in range(inputs.num_experts)], device=device
+    keys = [expert_key(seed, stream, i) for i in range(inputs.num_experts)]
+    # Word keys as non-negative int64 (the kernel reads their low 32 bits).
+    tables = RandomKeepTables(
+        word_keys=torch.tensor(
+            [[w & 0xFFFFFFFF for w in word_keys(key, inputs.numel)] for key in keys],
+            dtype=torch.int64,
+            device=device,
+        ),
+        thresholds=torch.tensor(
+            [keep_threshold(d) for d in inputs.densities], dtype=torch.int64, device=device
+        ),
     )
-    thresholds = torch.tensor([keep_threshold(d) for d in inputs.densities], device=device)
-    l1_sums = _l1_sums(inputs, keys, thresholds) if rescale == "l1" else None
+    l1_sums = _l1_sums(inputs, tables) if rescale == "l1" else None
     factors = dare_factors(inputs.weights, inputs.densities, rescale, l1_sums)
     return launch_merge(
         inputs,
         factors,
-        keys=keys,
-        thresholds=thresholds,
         consensus=consensus,
         normalize=normalize,
         lambda_=lambda_,
         check_finite=l1_sums is None,
+        random=tables,
     )
 
 
-def _l1_sums(
-    inputs: MergeInputs, keys: torch.Tensor, thresholds: torch.Tensor
-) -> list[tuple[float, float]]:
+def _l1_sums(inputs: MergeInputs, tables: RandomKeepTables) -> list[tuple[float, float]]:
     grid = merge_grid(inputs, BLOCK)
-    partial = torch.zeros((inputs.num_experts, 2, grid[0]), dtype=torch.float32, device=keys.device)
-    nonfinite = torch.zeros(inputs.num_experts, dtype=torch.int32, device=keys.device)
+    device = inputs.base.device
+    partial = torch.zeros(
+        (inputs.num_experts, 2, grid[0]), dtype=inputs.accumulator_dtype, device=device
+    )
+    nonfinite = torch.zeros(inputs.num_experts, dtype=torch.int32, device=device)
     if inputs.numel:
         _dare_l1_kernel[grid](
             inputs.base,
             expert_pointer_table(inputs.experts),
-            keys,
-            thresholds,
+            tables.word_keys,
+            tables.thresholds,
             partial,
             nonfinite,
             inputs.numel,
             inputs.num_experts,
+            tables.word_keys.shape[1],
+            ACC=accumulator(inputs),
             NONFINITE_KEY=NONFINITE_KEY[inputs.base.dtype],
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,

@@ -12,13 +12,25 @@ import torch
 
 ExpertsLike = Sequence[torch.Tensor] | torch.Tensor
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # |delta| as an integer: the sign bit cleared. For non-negative floats the integer order of the bit
 # pattern is the numeric order, so "k-th largest |delta|" becomes a radix select on integers.
-KEY_BITS = {torch.float32: 31, torch.bfloat16: 15, torch.float16: 15}
+KEY_BITS = {torch.float32: 31, torch.bfloat16: 15, torch.float16: 15, torch.float64: 63}
 # Smallest key of an Inf; NaNs are above it.
-NONFINITE_KEY = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+NONFINITE_KEY = {
+    torch.float32: 0x7F800000,
+    torch.bfloat16: 0x7F80,
+    torch.float16: 0x7C00,
+    torch.float64: 0x7FF0000000000000,
+}
+# The integer type whose bit pattern is the float's.
+BITS_DTYPE = {
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 RESCALE_MODES = ("l1", "inverse", None)
 MAX_SEED = 2**63
@@ -46,6 +58,21 @@ class MergeInputs:
     @property
     def numel(self) -> int:
         return self.base.numel()
+
+    @property
+    def accumulator_dtype(self) -> torch.dtype:
+        return accumulator_dtype(self.base.dtype)
+
+    @property
+    def needs_autograd(self) -> bool:
+        """Whether the merge must be differentiable: grad mode on and an input requiring grad."""
+        tensors = (self.base, *self.experts)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 sums for 16- and 32-bit inputs; float64 inputs keep float64 (as mergekit computes)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def prepare_inputs(
@@ -85,8 +112,8 @@ def check_tensor_values(tensor: torch.Tensor, what: str) -> None:
     """A tensor a merge can read: floating point of a supported dtype, holding values."""
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"{what} has dtype {tensor.dtype}; merges support float32, bfloat16 and float16. "
-            "Cast the base and experts to one of them first."
+            f"{what} has dtype {tensor.dtype}; merges support float32, bfloat16, float16 and "
+            "float64. Cast the base and experts to one of them first."
         )
     if tensor.is_meta:
         raise ValueError(
@@ -99,6 +126,13 @@ def check_density(value: object, what: str = "density") -> float:
     """A keep fraction: a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"{what} is {value!r}; it must be in (0, 1]. Use 1.0 to keep every entry.")
+    return float(value)
+
+
+def check_gamma(value: object, what: str = "gamma") -> float:
+    """The share of largest magnitudes Model Breadcrumbs drops: a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} is {value!r}; it must be in [0, 1] (0 drops no outliers).")
     return float(value)
 
 

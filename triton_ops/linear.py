@@ -15,8 +15,6 @@ def task_arithmetic_triton(inputs: MergeInputs, *, normalize: bool, lambda_: flo
     return launch_merge(
         inputs,
         list(inputs.weights),
-        keys=None,
-        thresholds=None,
         consensus=False,
         normalize=normalize,
         lambda_=lambda_,

@@ -2,12 +2,15 @@
 write of the output.
 
 `base + lambda * merge_i(factor_i * keep_i * delta_i)`, where the merge is a plain sum (optionally
-over the summed weights) or TIES' sign election and disjoint mean, accumulated in fp32. DARE adds
-its counter-based keep decisions (DROP), task arithmetic runs it as is, and a merge of prepared
-task vectors (`merge_task_vectors`) reads deltas instead of expert weights (TASK_VECTORS).
+over the summed weights) or TIES' sign election and disjoint mean, accumulated in fp32 (float64 for
+float64 inputs). The keep rule is none (task arithmetic), DARE's counter-based draws (RANDOM) or
+a magnitude window with exact tie ranks (TIES, Breadcrumbs); a merge of prepared task vectors
+(`merge_task_vectors`) reads deltas instead of expert weights (TASK_VECTORS).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -16,20 +19,46 @@ import triton.language as tl
 from .inputs import NONFINITE_KEY, MergeInputs, raise_for_nonfinite
 from .kernel_utils import (
     accumulate_signed,
+    accumulator,
     block_offsets,
     count_nonfinite,
     elect_and_mix,
     expert_pointer_table,
-    float32_table,
+    factor_table,
     load_delta,
+    magnitude_key,
     merge_grid,
     random_keep,
     store_merged,
+    window_keep,
 )
 from .scales import linear_divisor
 
 BLOCK = 2048
 NUM_WARPS = 8
+KEEP_ALL, KEEP_RANDOM, KEEP_WINDOW = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RandomKeepTables:
+    """DARE on the device: [k, words] word keys and [k] 31-bit thresholds."""
+
+    word_keys: torch.Tensor
+    thresholds: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WindowTables:
+    """Magnitude windows on the device ([k] bounds, [k, blocks] ties in earlier blocks)."""
+
+    lower: torch.Tensor
+    lower_keep: torch.Tensor
+    lower_before: torch.Tensor
+    upper: torch.Tensor
+    upper_skip: torch.Tensor
+    upper_before: torch.Tensor
+    break_ties: bool
+    two_sided: bool
 
 
 @triton.jit
@@ -37,16 +66,25 @@ def _merge_kernel(
     base_ptr,
     expert_ptrs,
     out_ptr,
-    key_ptr,
+    word_key_ptr,
     threshold_ptr,
+    lower_ptr,
+    lower_keep_ptr,
+    lower_before_ptr,
+    upper_ptr,
+    upper_skip_ptr,
+    upper_before_ptr,
     factor_ptr,
     weight_ptr,
+    scalar_ptr,
     nonfinite_ptr,
     numel,
     num_experts,
-    divisor,
-    lambda_,
-    DROP: tl.constexpr,
+    num_words,
+    ACC: tl.constexpr,
+    KEEP: tl.constexpr,
+    BREAK_TIES: tl.constexpr,
+    TWO_SIDED: tl.constexpr,
     TASK_VECTORS: tl.constexpr,
     CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -55,50 +93,83 @@ def _merge_kernel(
     NONFINITE_KEY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """base + lambda * merge_i(factor_i * keep_i * delta_i); task arithmetic is DROP=False,
-    and a merge of prepared task vectors (`merge_task_vectors`) adds TASK_VECTORS."""
-    start, offsets, in_bounds = block_offsets(numel, BLOCK)
+    """base + lambda * merge_i(factor_i * keep_i * delta_i); scalar_ptr holds the linear
+    divisor and lambda (in ACC, so float64 merges keep float64 scalars)."""
+    _, offsets, in_bounds = block_offsets(numel, BLOCK)
     base = tl.load(base_ptr + offsets, mask=in_bounds, other=0.0)
-    positive = tl.zeros((BLOCK,), tl.float32)
-    negative = tl.zeros((BLOCK,), tl.float32)
-    positive_weight = tl.zeros((BLOCK,), tl.float32)
-    negative_weight = tl.zeros((BLOCK,), tl.float32)
+    vote = tl.zeros((BLOCK,), ACC)
+    positive = tl.zeros((BLOCK,), ACC)
+    negative = tl.zeros((BLOCK,), ACC)
+    positive_weight = tl.zeros((BLOCK,), ACC)
+    negative_weight = tl.zeros((BLOCK,), ACC)
+    block = tl.program_id(0)
+    num_blocks = tl.num_programs(0)
     for i in range(num_experts):
-        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds, TASK_VECTORS)
+        delta = load_delta(base, expert_ptrs, i, offsets, in_bounds, ACC, TASK_VECTORS)
         if COUNT_NONFINITE:
             tl.atomic_add(nonfinite_ptr + i, count_nonfinite(delta, NONFINITE_KEY))
-        weighted = delta.to(tl.float32) * tl.load(factor_ptr + i)
-        if DROP:
-            keep = random_keep(tl.load(key_ptr + i), start, tl.load(threshold_ptr + i), BLOCK)
-            weighted = tl.where(keep, weighted, 0.0)
+        if KEEP == 1:
+            threshold = tl.load(threshold_ptr + i)
+            keep = random_keep(word_key_ptr, i, num_words, offsets, in_bounds, threshold)
+            delta = tl.where(keep, delta, 0.0)
+        if KEEP == 2:
+            lower_before = 0
+            upper_before = 0
+            if BREAK_TIES:
+                lower_before = tl.load(lower_before_ptr + i * num_blocks + block)
+                if TWO_SIDED:
+                    upper_before = tl.load(upper_before_ptr + i * num_blocks + block)
+            keep = window_keep(
+                magnitude_key(delta).to(tl.int64),
+                in_bounds,
+                tl.load(lower_ptr + i),
+                tl.load(lower_keep_ptr + i),
+                lower_before,
+                tl.load(upper_ptr + i),
+                tl.load(upper_skip_ptr + i),
+                upper_before,
+                BREAK_TIES,
+                TWO_SIDED,
+            )
+            delta = tl.where(keep, delta, 0.0)
+        factor = tl.load(factor_ptr + i)
         if CONSENSUS:
-            weight = tl.load(weight_ptr + i)
-            positive, negative, positive_weight, negative_weight = accumulate_signed(
-                weighted, weight, positive, negative, positive_weight, negative_weight
+            vote, positive, negative, positive_weight, negative_weight = accumulate_signed(
+                delta.to(ACC) * factor,
+                tl.load(weight_ptr + i),
+                vote,
+                positive,
+                negative,
+                positive_weight,
+                negative_weight,
+                base.dtype,
             )
         else:
-            positive += weighted
+            # One rounding per expert, like the torch path's add_(delta, alpha=factor).
+            positive = tl.fma(delta.to(ACC), factor, positive)
     if CONSENSUS:
-        mixed = elect_and_mix(positive, negative, positive_weight, negative_weight, NORMALIZE)
+        mixed = elect_and_mix(
+            vote, positive, negative, positive_weight, negative_weight, NORMALIZE, base.dtype
+        )
     elif NORMALIZE:
-        mixed = positive / divisor
+        mixed = positive / tl.load(scalar_ptr)
     else:
         mixed = positive
-    store_merged(out_ptr, offsets, in_bounds, base, mixed, lambda_, APPLY_LAMBDA)
+    store_merged(out_ptr, offsets, in_bounds, base, mixed, tl.load(scalar_ptr + 1), APPLY_LAMBDA)
 
 
 def launch_merge(
     inputs: MergeInputs,
     factors: list[float],
     *,
-    keys: torch.Tensor | None,
-    thresholds: torch.Tensor | None,
     consensus: bool,
     normalize: bool,
     lambda_: float,
     check_finite: bool,
+    random: RandomKeepTables | None = None,
+    window: WindowTables | None = None,
 ) -> torch.Tensor:
-    """Run the fused merge pass; `keys=None` keeps every entry (task arithmetic).
+    """Run the fused merge pass; without `random` or `window` every entry is kept.
 
     `factors[i]` multiplies expert i's (kept) delta; the consensus divisor sums `inputs.weights`.
     """
@@ -107,21 +178,31 @@ def launch_merge(
         return out.view(inputs.shape)
     device = inputs.base.device
     nonfinite = torch.zeros(inputs.num_experts, dtype=torch.int32, device=device)
-    drop = keys is not None
+    unused = torch.zeros(1, dtype=torch.int64, device=device)
+    keep = KEEP_RANDOM if random is not None else KEEP_WINDOW if window is not None else KEEP_ALL
+    word_keys = random.word_keys if random is not None else unused
     _merge_kernel[merge_grid(inputs, BLOCK)](
         inputs.base,
         expert_pointer_table(inputs.experts),
         out,
-        keys if drop else nonfinite,
-        thresholds if drop else nonfinite,
-        float32_table(factors, device),
-        float32_table(inputs.weights, device),
+        word_keys,
+        random.thresholds if random is not None else unused,
+        *(
+            (w.lower, w.lower_keep, w.lower_before, w.upper, w.upper_skip, w.upper_before)
+            if (w := window) is not None
+            else (unused,) * 6
+        ),
+        factor_table(factors, inputs),
+        factor_table(inputs.weights, inputs),
+        factor_table([linear_divisor(inputs.weights), lambda_], inputs),
         nonfinite,
         inputs.numel,
         inputs.num_experts,
-        linear_divisor(inputs.weights),
-        lambda_,
-        DROP=drop,
+        word_keys.shape[-1],
+        ACC=accumulator(inputs),
+        KEEP=keep,
+        BREAK_TIES=window is not None and window.break_ties,
+        TWO_SIDED=window is not None and window.two_sided,
         TASK_VECTORS=inputs.task_vectors,
         CONSENSUS=consensus,
         NORMALIZE=normalize,

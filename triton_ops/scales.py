@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-_RESCALE_EPS = 1e-7
+RESCALE_EPS = 1e-7
 _DIVISOR_EPS = 1e-8
+
+
+def l1_scale(before: float, after: float) -> float:
+    """mergekit's L1-norm matching of a sparsified delta: sum|delta| / sum|kept|, skipped (1.0)
+    when either sum is below 1e-7."""
+    if before >= RESCALE_EPS and after >= RESCALE_EPS:
+        return before / after
+    return 1.0
 
 
 def dare_factors(
@@ -19,9 +27,7 @@ def dare_factors(
         if rescale == "inverse" and density < 1.0:
             scale = 1.0 / density
         elif rescale == "l1" and l1_sums is not None:
-            before, after = l1_sums[i]
-            if before >= _RESCALE_EPS and after >= _RESCALE_EPS:
-                scale = before / after
+            scale = l1_scale(*l1_sums[i])
         factors.append(weight * scale)
     return factors
 

@@ -1,31 +1,32 @@
 """Trim or drop a task vector once, merge it in many subsets: the sweep's fast path.
 
-TIES trims, and DARE drops and rescales, each expert's delta on its own, so in a sweep over many
-subsets of a pool that work need not be repeated per subset. These functions split the fused
-merges into that per-expert preparation and one merge pass over prepared task vectors, with the
-same decisions and the same arithmetic, so that
+TIES and Breadcrumbs trim, and DARE drops and rescales, each expert's delta on its own, so in a
+sweep over many subsets of a pool that work need not be repeated per subset. These functions
+split the fused merges into that per-expert preparation and one merge pass over prepared task
+vectors, with the same decisions and the same arithmetic, so that
 
     ties_merge(base, experts, weights=w, densities=d)
       == merge_task_vectors(base, [trim(e - base, d_i) ...], weights=w, consensus=True,
                             normalize=True)
 
-bit for bit, and likewise for `dare_merge` with `drop(..., expert_index=i)` and its scales.
-Preparation runs in torch on the tensor's device (once per expert); the merge pass is the fused
-kernel on CUDA.
+bit for bit, and likewise for `breadcrumbs_merge` with `trim(..., gamma=g_i)` and for
+`dare_merge` with `drop(..., expert_index=i)` and its scales. Preparation runs in torch on the
+tensor's device (once per expert); the merge pass is the fused kernel on CUDA.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from . import reference
 from .api import Backend, kernel_device, use_triton
 from .inputs import (
-    KEY_BITS,
-    NONFINITE_KEY,
+    BITS_DTYPE,
+    MergeInputs,
     check_density,
+    check_gamma,
     check_lambda,
     check_rescale,
     check_seed,
@@ -33,37 +34,27 @@ from .inputs import (
     per_expert_floats,
     prepare_inputs,
 )
-from .philox import expert_key, keep_threshold, philox_uniform32
-from .reference import CHUNK, weighted_merge_torch
+from .keep_hash import expert_key, keep_threshold
 from .scales import dare_factors
-from .selection import (
-    MagnitudeThreshold,
-    kept_count,
-    magnitude_keep,
-    magnitude_key,
-    radix_select,
-)
+from .selection import outlier_window, top_window
 
 
-def trim(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+def trim(task_vector: torch.Tensor, density: float, *, gamma: float | None = None) -> torch.Tensor:
     """TIES trim: keep the `max(1, int(density * numel))` largest magnitudes (ties at the
-    threshold: lowest index first), zero the rest.
+    threshold: lowest index first), zero the rest. With `gamma`, the Breadcrumbs trim: drop the
+    `int(gamma * numel)` largest first, keep the next `int(density * numel)`.
 
     >>> trimmed = trim(expert - base, density=0.2)
     """
-    flat = _flat_task_vector(task_vector, density)
-    k = kept_count(density, flat.numel())
-    key = magnitude_key(flat)
-    nonfinite_key = NONFINITE_KEY[flat.dtype]
-
-    def check_top_digit(counts: torch.Tensor, shift: int) -> None:
-        _check_finite(int(counts[nonfinite_key >> shift :].sum()))
-
-    if k >= flat.numel():
-        _check_finite(int((key >= nonfinite_key).sum()))
-        return task_vector.clone()
-    threshold = radix_select(lambda: iter((key,)), k, KEY_BITS[flat.dtype], check_top_digit)
-    return _apply_keep(flat, key, threshold).view_as(task_vector)
+    inputs = _task_vector_inputs(task_vector, density)
+    numel = inputs.numel
+    window = (
+        top_window(density, numel)
+        if gamma is None
+        else outlier_window(density, check_gamma(gamma), numel)
+    )
+    with reference.single_threaded():
+        return _apply(inputs, reference.magnitude_keep(inputs, [window])).view_as(task_vector)
 
 
 def drop(
@@ -83,23 +74,19 @@ def drop(
 
     >>> dropped, scale = drop(expert - base, 0.8, rescale="inverse", seed=1, expert_index=3)
     """
-    flat = _flat_task_vector(task_vector, density)
+    inputs = _task_vector_inputs(task_vector, density)
     check_rescale(rescale)
-    key = expert_key(check_seed(seed), check_seed(stream, "stream"), expert_index)
-    threshold = keep_threshold(density)
-    dropped = torch.empty_like(flat)
-    before = after = 0.0
-    for start in range(0, flat.numel(), CHUNK):
-        delta = flat[start : start + CHUNK]
-        draws = philox_uniform32(key, start, delta.numel(), device=delta.device)
-        dropped[start : start + CHUNK] = torch.where(draws < threshold, delta, 0)
-        magnitude = delta.abs().float()
-        before += float(magnitude.sum(dtype=torch.float64))
-        after += float(dropped[start : start + CHUNK].abs().float().sum(dtype=torch.float64))
-    if not math.isfinite(before):
-        _check_finite(int((~torch.isfinite(flat)).sum()))
-    (scale,) = dare_factors((1.0,), (density,), rescale, [(before, after)])
-    return dropped.view_as(task_vector), scale
+    keep = reference.RandomKeep(
+        keys=[expert_key(check_seed(seed), check_seed(stream, "stream"), expert_index)],
+        thresholds=[keep_threshold(density)],
+        inputs=inputs,
+        check_finite=False,
+    )
+    with reference.single_threaded():
+        (sums,) = reference.l1_sums_torch(inputs, keep)
+        dropped = _apply(inputs, keep).view_as(task_vector)
+    (scale,) = dare_factors((1.0,), (density,), rescale, [sums])
+    return dropped, scale
 
 
 def merge_task_vectors(
@@ -128,36 +115,43 @@ def merge_task_vectors(
         from .merge_pass import launch_merge
 
         with kernel_device(inputs):
-            return launch_merge(
-                inputs, factors, keys=None, thresholds=None, check_finite=True, **options
-            )
-    return weighted_merge_torch(inputs, factors, **options)
+            return launch_merge(inputs, factors, check_finite=True, **options)
+    with reference.single_threaded():
+        return reference.weighted_merge_torch(inputs, factors, **options)
 
 
-def _check_finite(nonfinite: int) -> None:
+def _task_vector_inputs(task_vector: torch.Tensor, density: float) -> MergeInputs:
+    if not isinstance(task_vector, torch.Tensor):
+        raise TypeError(f"a task vector must be a torch.Tensor, got {type(task_vector).__name__}")
+    check_tensor_values(task_vector, "the task vector")
+    flat = task_vector.detach().reshape(-1).contiguous()
+    inputs = MergeInputs(
+        base=torch.zeros_like(flat),
+        experts=(flat,),
+        shape=task_vector.shape,
+        weights=(1.0,),
+        densities=(check_density(density),),
+        task_vectors=True,
+    )
+    with reference.single_threaded():
+        nonfinite = reference.count_nonfinite(inputs, 0)
     if nonfinite:
         raise ValueError(
             f"the task vector has {nonfinite} non-finite values (NaN or Inf): a corrupted expert "
             "or base, or a delta that overflowed float16. Repair the checkpoint (torch.nan_to_num) "
             "or compute the task vector in float32 or bfloat16."
         )
+    return inputs
 
 
-def _flat_task_vector(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    if not isinstance(task_vector, torch.Tensor):
-        raise TypeError(f"a task vector must be a torch.Tensor, got {type(task_vector).__name__}")
-    check_tensor_values(task_vector, "the task vector")
-    check_density(density)
-    return task_vector.reshape(-1).contiguous()
-
-
-def _apply_keep(
-    flat: torch.Tensor, key: torch.Tensor, threshold: MagnitudeThreshold
-) -> torch.Tensor:
-    trimmed = torch.empty_like(flat)
-    ties_before = 0
-    for start in range(0, flat.numel(), CHUNK):
-        keep, ties = magnitude_keep(key[start : start + CHUNK], threshold, ties_before)
-        ties_before += ties
-        trimmed[start : start + CHUNK] = torch.where(keep, flat[start : start + CHUNK], 0)
-    return trimmed
+def _apply(inputs: MergeInputs, keep) -> torch.Tensor:
+    """The task vector with the entries `keep` drops zeroed."""
+    flat = inputs.experts[0]
+    out = torch.empty_like(flat)
+    scratch = reference.Scratch.for_inputs(inputs)
+    for start, stop in reference.chunks(flat.numel()):
+        chunk = out[start:stop].copy_(flat[start:stop])
+        mask = keep.bits(0, start, chunk, scratch)
+        if mask is not None:
+            chunk.view(BITS_DTYPE[chunk.dtype]).bitwise_and_(mask)
+    return out
