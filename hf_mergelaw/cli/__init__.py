@@ -2,7 +2,9 @@
 
 - :mod:`.law`: ``fit``, ``predict``, ``plan``, ``plot`` (the scaling law on sweep records);
 - :mod:`.sweep`: ``sweep`` (merge and measure) and ``register-metric``;
-- :mod:`.demo`: ``demo`` (the whole method on a pool built offline).
+- :mod:`.demo`: ``demo`` (the whole method on a pool built offline);
+- :mod:`.pool`: ``pool fit``, ``pool predict``, ``pool select``, ``pool plot`` (the pool model:
+  any subset's CE, which experts to merge).
 
 Each module's ``register`` adds its subcommands; handlers import what they run only when they
 run, so ``--help`` stays fast. A handler returns an exit code. A :class:`~hf_mergelaw.errors.
@@ -26,10 +28,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError
-from . import demo, law, sweep
+from . import demo, law, pool, sweep
 
 USER_ERROR_EXIT = 2
-COMMAND_GROUPS = (law, sweep, demo)
+COMMAND_GROUPS = (law, sweep, demo, pool)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,362 @@
+"""``hf-mergelaw pool fit | predict | select | plot``: the pool model on a sweep's records.
+
+    hf-mergelaw pool fit results.jsonl --by method,domain -o pool.json
+    hf-mergelaw pool predict pool.json --subset code,math --subset bio,code,math --json
+    hf-mergelaw pool predict pool.json --all --json          # every subset, pools up to 12
+    hf-mergelaw pool select pool.json --k 3 --top 5 --json    # without --k: every size, overall
+    hf-mergelaw pool plot pool.json -o figures
+
+JSON goes to stdout with ``--json`` (a table otherwise) and to ``-o`` atomically; ``pool plot``
+writes three PNGs per group into its folder. Handlers import the model only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import arguments
+from .output import emit, fmt, group_label
+
+if TYPE_CHECKING:
+    from ..pool_model import PoolModel, PoolReport, Selection
+
+# `--all` lists 2^M - 1 subsets per group; beyond this pool size that is no longer a table.
+MAX_ALL_EXPERTS = 12
+_SHOWN_PAIRS = 3
+# Significant digits of CEs in tables: subsets of one size differ in the fourth.
+_DIGITS = 6
+
+
+def register(subparsers: Any) -> None:
+    """Add ``pool`` and its subcommands to the ``hf-mergelaw`` parser."""
+    parser = subparsers.add_parser(
+        "pool",
+        help="the pool model: predict any subset's CE, pick the experts to merge",
+        description="Fit L(S) = f(k) + (1/k) sum beta_i + (1/k^2) sum gamma_ij (docs/law.md "
+        "section 3) to a sweep's records, then predict subsets, select the best ones and plot "
+        "the experts' effects and interactions.",
+    )
+    commands = parser.add_subparsers(dest="pool_command", metavar="SUBCOMMAND", required=True)
+    _add_fit(commands)
+    _add_predict(commands)
+    _add_select(commands)
+    _add_plot(commands)
+
+
+def _add_group(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group", type=arguments.group, help="only pools of this group, e.g. method=ties"
+    )
+
+
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--level", type=arguments.level, help="interval coverage (default: the fit's)")
+    _add_group(p)
+    p.add_argument("-o", "--output", help="write the JSON here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _pools(args: argparse.Namespace) -> list[PoolModel]:
+    from ..pool_model import PoolReport
+
+    report = PoolReport.load(args.pool_file)
+    return report.select(args.group) if args.group else report.pools
+
+
+# --- fit ------------------------------------------------------------------------------------
+
+
+def _add_fit(commands: Any) -> None:
+    p = commands.add_parser(
+        "fit",
+        help="fit the pool model to sweep records",
+        description="Fit a pool model per group of a sweep's records (its .jsonl; each "
+        "record's per-domain CEs become the in-domain groups beside the cross-domain 'macro' "
+        "one). beta and gamma are shrunk toward the exchangeable model by prior scales chosen "
+        "by marginal likelihood.",
+    )
+    p.add_argument("records", help="the sweep's records file (.jsonl)")
+    p.add_argument(
+        "--by",
+        type=arguments.names,
+        default=["method", "domain"],
+        help="grouping fields (default method,domain; add N for records of several base sizes)",
+    )
+    p.add_argument(
+        "--curve",
+        choices=("free", "law"),
+        default="free",
+        help="f(k): a free level per measured k (default), or the per-size law L_inf + A/(k+b), "
+        "which also predicts sizes the records did not measure (flagged as extrapolated)",
+    )
+    p.add_argument(
+        "--experts",
+        type=arguments.names,
+        help="the pool, comma-separated (default: every expert the records merge); records "
+        "naming anyone else are refused",
+    )
+    p.add_argument(
+        "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
+    )
+    p.add_argument("-o", "--output", help="write the pool file (JSON) here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from ..pool_model import fit_pools
+
+    report = fit_pools(
+        args.records, by=args.by, curve=args.curve, level=args.level, experts=args.experts
+    )
+    payload = report.to_dict()
+    emit(args, payload, _fit_table(report, payload))
+    return 0
+
+
+def _fit_table(report: PoolReport, payload: dict[str, Any]) -> str:
+    lines = []
+    for model, data in zip(report.pools, payload["pools"], strict=True):
+        hyper, loo = model.hyper, data["leave_one_out"]
+        lines.append(
+            f"== {group_label(model.group)}: {model.m} experts, {model.n_records} merges, "
+            f"f(k) {model.curve.kind}"
+            + (f" (b = {model.curve.b:g})" if model.curve.kind == "law" else "")
+        )
+        lines.append(
+            f"   prior sd: beta {fmt(hyper.tau_beta)}, gamma {fmt(hyper.tau_gamma)}; misfit sd "
+            f"{fmt(hyper.sigma)} k^-{fmt(hyper.rho / 2, 2)}; each merge left out: R^2 within k "
+            f"{fmt(loo['r2_within_k'])}, {model.level:.0%} intervals cover "
+            f"{fmt(loo['coverage'], 3)}"
+        )
+        interval = model.beta_interval()
+        pct = f"{model.level:.0%}"
+        for name, value in sorted(model.beta.items(), key=lambda item: item[1]):
+            lo, hi = interval[name]
+            lines.append(f"   beta {name:<20} {value:>+10.4g}  {pct} [{lo:+.4g}, {hi:+.4g}]")
+        lines += _pair_lines(model)
+        lines.append(f"   {'k':>3} {'E[L|k]':>9} {'lo':>9} {'hi':>9} {'spread':>9}")
+        for point in data["pool_curve"]:
+            lines.append(
+                f"   {point['k']:>3} {fmt(point['mean'], _DIGITS):>9} "
+                f"{fmt(point['lo'], _DIGITS):>9} {fmt(point['hi'], _DIGITS):>9} "
+                f"{fmt(point['spread']):>9}" + ("  (extrapolated)" if point["extrapolated"] else "")
+            )
+    return "\n".join(lines)
+
+
+def _pair_lines(model: PoolModel) -> list[str]:
+    gamma = model.gamma_matrix()
+    i, j = zip(*((a, b) for a in range(model.m) for b in range(a + 1, model.m)), strict=True)
+    values = gamma[list(i), list(j)]
+    order = sorted(range(len(values)), key=lambda n: values[n])
+    shown = [*order[:_SHOWN_PAIRS], *order[-_SHOWN_PAIRS:][::-1]]
+    lines = []
+    for n in dict.fromkeys(shown):
+        kind = "synergy" if values[n] < 0 else "conflict"
+        pair = f"{model.experts[i[n]]} + {model.experts[j[n]]}"
+        lines.append(f"   gamma {pair:<30} {values[n]:>+10.4g}  ({kind})")
+    return lines
+
+
+# --- predict --------------------------------------------------------------------------------
+
+
+def _add_predict(commands: Any) -> None:
+    p = commands.add_parser(
+        "predict",
+        help="predicted CE of subsets, merged or not",
+        description="Predicted CE of each subset with an interval for what a merge of it "
+        "measures (the model's uncertainty and one merge's misfit).",
+    )
+    p.add_argument("pool_file", metavar="POOL.json")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--subset",
+        action="append",
+        type=arguments.names,
+        help="comma-separated experts, e.g. code,math; repeatable",
+    )
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every subset of every pool (pools up to {MAX_ALL_EXPERTS} experts)",
+    )
+    _add_outputs(p)
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    rows = []
+    for model in _pools(args):
+        rows += _predictions(model, args.subset, args.level)
+    header = ("group", "subset", "k", "mean", "lo", "hi", "measured")
+    lines = [f"{header[0]:<28} {header[1]:<36}" + "".join(f" {h:>9}" for h in header[2:])]
+    for row in rows:
+        values = [str(row["k"]), *(fmt(row[key], _DIGITS) for key in header[3:])]
+        flag = "  (extrapolated)" if row["extrapolated"] else ""
+        lines.append(
+            f"{group_label(row['group']):<28} {','.join(row['subset']):<36}"
+            + "".join(f" {v:>9}" for v in values)
+            + flag
+        )
+    emit(args, {"predictions": rows}, "\n".join(lines))
+    return 0
+
+
+def _predictions(
+    model: PoolModel, subsets: Sequence[Sequence[str]] | None, level: float | None
+) -> list[dict[str, Any]]:
+    from ..errors import CommandError
+    from ..pool_model.search import all_members
+
+    if subsets is not None:
+        members = model.members_of(subsets)
+    else:
+        if model.m > MAX_ALL_EXPERTS:
+            raise CommandError(
+                f"--all lists every subset of pools up to {MAX_ALL_EXPERTS} experts; "
+                f"{model.label()} has {model.m}. Name subsets with --subset, or rank them with "
+                "`hf-mergelaw pool select`."
+            )
+        sizes = [k for k in range(1, model.m + 1) if model.curve.covers(k)]
+        skipped = sorted(set(range(1, model.m + 1)) - set(sizes))
+        if skipped:
+            print(
+                f"warning: {model.label()}: k = {', '.join(map(str, skipped))} not measured; a "
+                "free f(k) does not predict them (fit --curve law to extrapolate)",
+                file=sys.stderr,
+            )
+        members = np.concatenate([all_members(model.m, k) for k in sizes])
+    prediction = model.predict(members, level)
+    measured = {
+        row.tobytes(): float(ce)
+        for row, ce in zip(model.records.members, model.records.ce, strict=True)
+    }
+    names = model.experts
+    return [
+        {
+            "group": dict(model.group),
+            "subset": [names[i] for i in range(model.m) if row[i]],
+            "k": int(row.sum()),
+            "mean": float(prediction.mean[n]),
+            "lo": float(prediction.lo[n]),
+            "hi": float(prediction.hi[n]),
+            "sd": float(prediction.sd[n]),
+            "extrapolated": bool(prediction.extrapolated[n]),
+            "measured": measured.get(row.tobytes()),
+        }
+        for n, row in enumerate(prediction.members)
+    ]
+
+
+# --- select ---------------------------------------------------------------------------------
+
+
+def _add_select(commands: Any) -> None:
+    p = commands.add_parser(
+        "select",
+        help="best subsets of each size and overall, p_best, greedy order",
+        description="The best subsets of a size (exact enumeration while C(M, k) <= 5000, a "
+        "tested swap search beyond) with intervals, the probability that each is the best "
+        "(posterior draws), and the greedy order in which to add experts. Subsets already "
+        "merged count at their measured CE.",
+    )
+    p.add_argument("pool_file", metavar="POOL.json")
+    p.add_argument(
+        "--k",
+        type=arguments.k_values,
+        help="sizes, e.g. 3 or 2-5 (default: every size, and the best overall)",
+    )
+    p.add_argument(
+        "--top",
+        type=arguments.count(1, "--top", 100),
+        default=1,
+        help="subsets reported per size (default 1)",
+    )
+    p.add_argument(
+        "--draws",
+        type=arguments.count(10, "--draws", 100_000),
+        default=1000,
+        help="posterior draws behind p_best (default 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and the search")
+    _add_outputs(p)
+    p.set_defaults(handler=run_select)
+
+
+def run_select(args: argparse.Namespace) -> int:
+    from ..pool_model import greedy_order, select
+
+    selections: list[Selection] = []
+    greedy = []
+    for model in _pools(args):
+        selections += select(
+            model, args.k, top=args.top, draws=args.draws, seed=args.seed, level=args.level
+        )
+        greedy.append(greedy_order(model, args.level).to_dict())
+    payload = {
+        "selections": [s.to_dict() for s in selections],
+        "greedy": greedy,
+    }
+    emit(args, payload, _select_table(selections, greedy))
+    return 0
+
+
+def _select_table(selections: Sequence[Selection], greedy: list[dict[str, Any]]) -> str:
+    lines = []
+    current = None
+    for s in selections:
+        if s.group != current:
+            current = s.group
+            lines.append(f"== {group_label(s.group)}")
+            lines.append(
+                f"   {'scope':<8} {'k':>3} {'rank':>4} {'mean':>9} {'lo':>9} {'hi':>9} "
+                f"{'p_best':>7}  subset"
+            )
+        flag = " (merged: measured CE)" if s.merged else ""
+        flag += " (extrapolated)" if s.extrapolated else ""
+        lines.append(
+            f"   {s.scope:<8} {s.k:>3} {s.rank:>4} {fmt(s.mean, _DIGITS):>9} "
+            f"{fmt(s.lo, _DIGITS):>9} {fmt(s.hi, _DIGITS):>9} {s.p_best:>7.3f}  "
+            f"{','.join(s.subset)}{flag}"
+        )
+    for path in greedy:
+        lines.append(f"== greedy order, {group_label(path['group'])}: {' > '.join(path['order'])}")
+        for step in path["steps"]:
+            mean = step["mean"]
+            shown = "-" if mean is None else fmt(mean, _DIGITS)
+            lines.append(f"   k={step['k']:<3} +{step['added']:<20} {shown}")
+    return "\n".join(lines)
+
+
+# --- plot -----------------------------------------------------------------------------------
+
+
+def _add_plot(commands: Any) -> None:
+    p = commands.add_parser(
+        "plot",
+        help="synergy heatmap, expert effects, predicted vs measured",
+        description="Write <group>-synergy.png (gamma), <group>-effects.png (beta with "
+        "intervals) and <group>-predicted.png (each merge predicted with it left out of the "
+        "fit, against its measured CE) for each pool.",
+    )
+    p.add_argument("pool_file", metavar="POOL.json")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs")
+    _add_group(p)
+    p.set_defaults(handler=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from ..pool_model.plotting import plot_pool
+
+    for model in _pools(args):
+        for path in plot_pool(model, args.output):
+            print(f"wrote {path}")
+    return 0
