@@ -185,7 +185,8 @@ def fit_law(
     pool = pool_size if pool_size is not None else records.pool_size
     if target not in TARGETS:
         raise LawError(f"target must be one of {TARGETS}, got {target!r}")
-    offsets = pool_offsets(records) if target == "population" and law.target == "mean" else None
+    effects = pool_offsets(records) if law.target == "mean" else None
+    offsets = effects if target == "population" else None
     if target == "population" and law.target == "mean" and offsets is None:
         notes.append(
             "the records name no subsets, so the intervals treat subsets as independent draws "
@@ -233,8 +234,11 @@ def fit_law(
         target=target,
     )
     if variance and law.target == "mean":
+        # Subsets of a finite pool vary less as they overlap more (a variance intercept below
+        # zero), when merges carry expert effects at all; independent merges do not overlap.
+        finite = pool is not None and effects is not None and bool(effects.variance.any())
         result_fit.variance = _companion_variance(
-            records, law, weights, max_nfev, group, pool, notes
+            records, law, weights, max_nfev, group, pool if finite else None, notes
         )
     result_fit.checks = _checks(problem, cells, result_fit, label)
     return result_fit
