@@ -121,6 +121,44 @@ def tie_rank(at_bound, before):
 
 
 @triton.jit
+def expert_window_keep(
+    key,
+    in_bounds,
+    expert,
+    block,
+    num_blocks,
+    lower_ptr,
+    lower_keep_ptr,
+    lower_before_ptr,
+    upper_ptr,
+    upper_skip_ptr,
+    upper_before_ptr,
+    BREAK_TIES: tl.constexpr,
+    TWO_SIDED: tl.constexpr,
+):
+    """`window_keep` of one expert's keys in one block, its bounds read from the per-expert
+    tables and its tie counts from the [expert, block] tables."""
+    lower_before = 0
+    upper_before = 0
+    if BREAK_TIES:
+        lower_before = tl.load(lower_before_ptr + expert * num_blocks + block)
+        if TWO_SIDED:
+            upper_before = tl.load(upper_before_ptr + expert * num_blocks + block)
+    return window_keep(
+        key,
+        in_bounds,
+        tl.load(lower_ptr + expert),
+        tl.load(lower_keep_ptr + expert),
+        lower_before,
+        tl.load(upper_ptr + expert),
+        tl.load(upper_skip_ptr + expert),
+        upper_before,
+        BREAK_TIES,
+        TWO_SIDED,
+    )
+
+
+@triton.jit
 def window_keep(
     key,
     in_bounds,

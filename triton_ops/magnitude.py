@@ -26,10 +26,10 @@ from .kernel_utils import (
     block_offsets,
     count_nonfinite,
     expert_pointer_table,
+    expert_window_keep,
     load_delta,
     magnitude_key,
     merge_grid,
-    window_keep,
 )
 from .merge_pass import BLOCK, NUM_WARPS, WindowTables, launch_merge
 from .scales import l1_scale
@@ -112,21 +112,18 @@ def _window_l1_kernel(
     num_blocks = tl.num_programs(0)
     for i in range(num_experts):
         delta = load_delta(base, expert_ptrs, i, offsets, in_bounds, ACC, False)
-        lower_before = 0
-        upper_before = 0
-        if BREAK_TIES:
-            lower_before = tl.load(lower_before_ptr + i * num_blocks + block)
-            if TWO_SIDED:
-                upper_before = tl.load(upper_before_ptr + i * num_blocks + block)
-        keep = window_keep(
+        keep = expert_window_keep(
             magnitude_key(delta).to(tl.int64),
             in_bounds,
-            tl.load(lower_ptr + i),
-            tl.load(lower_keep_ptr + i),
-            lower_before,
-            tl.load(upper_ptr + i),
-            tl.load(upper_skip_ptr + i),
-            upper_before,
+            i,
+            block,
+            num_blocks,
+            lower_ptr,
+            lower_keep_ptr,
+            lower_before_ptr,
+            upper_ptr,
+            upper_skip_ptr,
+            upper_before_ptr,
             BREAK_TIES,
             TWO_SIDED,
         )

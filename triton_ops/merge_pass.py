@@ -24,13 +24,13 @@ from .kernel_utils import (
     count_nonfinite,
     elect_and_mix,
     expert_pointer_table,
+    expert_window_keep,
     factor_table,
     load_delta,
     magnitude_key,
     merge_grid,
     random_keep,
     store_merged,
-    window_keep,
 )
 from .scales import linear_divisor
 
@@ -113,21 +113,18 @@ def _merge_kernel(
             keep = random_keep(word_key_ptr, i, num_words, offsets, in_bounds, threshold)
             delta = tl.where(keep, delta, 0.0)
         if KEEP == 2:
-            lower_before = 0
-            upper_before = 0
-            if BREAK_TIES:
-                lower_before = tl.load(lower_before_ptr + i * num_blocks + block)
-                if TWO_SIDED:
-                    upper_before = tl.load(upper_before_ptr + i * num_blocks + block)
-            keep = window_keep(
+            keep = expert_window_keep(
                 magnitude_key(delta).to(tl.int64),
                 in_bounds,
-                tl.load(lower_ptr + i),
-                tl.load(lower_keep_ptr + i),
-                lower_before,
-                tl.load(upper_ptr + i),
-                tl.load(upper_skip_ptr + i),
-                upper_before,
+                i,
+                block,
+                num_blocks,
+                lower_ptr,
+                lower_keep_ptr,
+                lower_before_ptr,
+                upper_ptr,
+                upper_skip_ptr,
+                upper_before_ptr,
                 BREAK_TIES,
                 TWO_SIDED,
             )
