@@ -36,6 +36,7 @@ from hf_mergelaw.cli import main
 from hf_mergelaw.cross_entropy import build_eval_set
 from hf_mergelaw.errors import PoolError, SweepConfigError, UserError
 from hf_mergelaw.experts import ExpertPool
+from hf_mergelaw.provenance import Provenance, write_provenance
 from hf_mergelaw.record_store import RecordStore
 from hf_mergelaw.sweep_config import load_sweep_config
 from hf_mergelaw.testing import save_model, tiny_llama_config
@@ -453,6 +454,23 @@ def test_a_model_of_another_architecture_fails_before_training(tmp_path, family,
     trainer = tiny_trainer(tmp_path, LlamaForCausalLM(tiny_llama_config(vocab_size=80)), family[0])
     trainer.add_callback(MergeScalingCallback(trainer, pool, eval_set))
     with pytest.raises(PoolError, match="vocab_size=80"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_records_of_an_earlier_run_in_the_output_dir_stop_training_at_its_start(
+    tmp_path, family, pool_and_eval
+) -> None:
+    pool, eval_set = pool_and_eval
+    trainer = tiny_trainer(tmp_path, AutoModelForCausalLM.from_pretrained(family[0]), family[0])
+    records = tmp_path / "run" / "merge_scaling" / "results.jsonl"
+    records.parent.mkdir(parents=True)
+    records.touch()
+    earlier = Provenance(base="b", eval="e", dtype="float32", device="cpu", N=0.0, version="0",
+                         experts={**pool.identities, "math-sft": "earlier-weights"})  # fmt: skip
+    write_provenance(records, earlier)
+    trainer.add_callback(MergeScalingCallback(trainer, pool, eval_set))
+    with pytest.raises(UserError, match=r"experts this pool does not have \(math-sft\)"):
         trainer.train()
     assert trainer.state.global_step == 0
 
