@@ -40,6 +40,7 @@ import scipy
 from results_io import save_results
 
 from hf_mergelaw.pool_model import (
+    PoolModel,
     PoolRecords,
     coverage,
     fit_pool,
@@ -78,7 +79,13 @@ def restricted(group: PoolRecords, mask: np.ndarray) -> PoolRecords:
 
 
 def score_design(group: PoolRecords, mask: np.ndarray, level: float, draws: int) -> dict:
-    model = fit_pool(restricted(group, mask), level=level)
+    return score_model(group, mask, fit_pool(restricted(group, mask), level=level), draws)
+
+
+def score_model(group: PoolRecords, mask: np.ndarray, model: PoolModel, draws: int) -> dict:
+    """Score a model fitted on the records ``mask`` selects on every other subset of the group
+    (R^2 within k, interval coverage) and its best subset of each k = 2..M-1 (the share of that
+    size's measured CEs strictly below the chosen subset's)."""
     held = ~mask
     prediction = model.predict(group.members[held])
     measured, k = group.ce[held], group.k[held]
@@ -117,8 +124,8 @@ def accuracy(path: Path, per_k: int, designs: int, level: float, draws: int) -> 
                 "experts": m,
                 "records_per_design": scores[0]["records"],
                 "held_out_per_design": scores[0]["held_out"],
-                **_summary("r2_within_k", [s["r2_within_k"] for s in scores]),
-                **_summary("coverage", [s["coverage"] for s in scores]),
+                **min_mean_max("r2_within_k", [s["r2_within_k"] for s in scores]),
+                **min_mean_max("coverage", [s["coverage"] for s in scores]),
                 "best_in_top_share": float(np.mean(np.array(shares) < TOP_SHARE)),
                 "best_exact": float(np.mean(np.array(shares) == 0.0)),
                 "best_share_worst": float(max(shares)),
@@ -158,9 +165,9 @@ def extrapolation(path: Path, per_k: int, designs: int, level: float, k_max: int
                 "fitted_k": f"1-{k_max}",
                 "predicted_k": f"{k_max + 1}-{len(group.experts)}",
                 "subsets_predicted": int(far.sum()),
-                **_summary("mean_abs_error", [s["mean_abs_error"] for s in scores]),
-                **_summary("r2_within_k", [s["r2_within_k"] for s in scores]),
-                **_summary("coverage", [s["coverage"] for s in scores]),
+                **min_mean_max("mean_abs_error", [s["mean_abs_error"] for s in scores]),
+                **min_mean_max("r2_within_k", [s["r2_within_k"] for s in scores]),
+                **min_mean_max("coverage", [s["coverage"] for s in scores]),
                 "all_flagged": all(s["all_flagged"] for s in scores),
                 "designs": scores,
             }
@@ -168,7 +175,7 @@ def extrapolation(path: Path, per_k: int, designs: int, level: float, k_max: int
     return rows
 
 
-def _summary(name: str, values: list[float]) -> dict[str, float]:
+def min_mean_max(name: str, values: list[float]) -> dict[str, float]:
     return {
         f"{name}_mean": float(np.mean(values)),
         f"{name}_min": float(np.min(values)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .errors import UserError
 
@@ -140,6 +140,38 @@ def balance_subsets(
         counts[hi] -= 1
         counts[lo] += 1
     return sorted(chosen)
+
+
+def balanced_design(
+    num_experts: int, counts: Mapping[int, int], seed: int = 0
+) -> list[tuple[int, ...]]:
+    """``counts[k]`` subsets of each size k, each size balanced, and the experts' totals over all
+    sizes balanced too (within one), in order of size.
+
+    Each size is drawn as ``strategy="balanced"`` draws it, then its experts are relabelled: the
+    ones it uses most take the places of the ones the sizes before used least. Relabelling keeps
+    a size balanced and its subsets distinct, and spreads across sizes the extra appearances a
+    size cannot split evenly, so the totals stay within one (both sets of counts are), and every
+    expert is merged once the design has as many places as experts.
+
+    >>> design = balanced_design(4, {1: 2, 2: 1})
+    >>> sorted(sum(expert in subset for subset in design) for expert in range(4))
+    [1, 1, 1, 1]
+    """
+    rng = random.Random(f"design-{seed}")
+    totals = [0] * num_experts
+    design: list[tuple[int, ...]] = []
+    for k in sorted(counts):
+        drawn = sample_subsets(num_experts, k, strategy="balanced", per_k=counts[k], seed=seed)
+        here = [sum(expert in subset for subset in drawn) for expert in range(num_experts)]
+        busiest = sorted(range(num_experts), key=lambda e: (-here[e], rng.random()))
+        idlest = sorted(range(num_experts), key=lambda e: (totals[e], rng.random()))
+        relabel = dict(zip(busiest, idlest, strict=True))
+        for subset in sorted(tuple(sorted(relabel[e] for e in subset)) for subset in drawn):
+            design.append(subset)
+            for expert in subset:
+                totals[expert] += 1
+    return design
 
 
 def _uniform_subsets(num_experts: int, k: int, per_k: int, seed: int) -> list[tuple[int, ...]]:

@@ -8,6 +8,11 @@ already recorded, so an interrupted sweep resumes where it stopped.
 Several GPUs or nodes share a sweep under `accelerate launch` or `torchrun`: accelerate's
 `PartialState.split_between_processes` gives each rank its share of the jobs, each rank appends to
 its own file, and the main process gathers them into the output at the end.
+
+An adaptive sweep (``sampling.strategy`` "adaptive") plans in rounds instead: each method merges a
+small balanced design, then what the pool model fitted to its records says settles the answer
+(:mod:`hf_mergelaw.adaptive`). Each round is computed from the records on disk, by every rank
+alike after a barrier, then split one pick per rank; so it resumes like any sweep.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .adaptive import Round, check_adaptive, next_round
 from .cross_entropy import EvalSet, build_eval_set, cross_entropy, fit_max_length
 from .errors import SweepConfigError
 from .eval_data import load_eval_columns
@@ -58,11 +64,16 @@ class Job:
 
 @dataclass(frozen=True)
 class SweepSummary:
+    """``planned``: the sweep's merges (an adaptive sweep's once it stopped), ``written`` by this
+    process, ``skipped`` already recorded; ``stopped``: why each method of an adaptive sweep
+    stopped, by label."""
+
     output: Path
     planned: int
     written: int
     skipped: int
     moved_aside: Path | None = None  # where restart put the old records
+    stopped: dict[str, str] = field(default_factory=dict)
 
 
 def plan_jobs(
@@ -138,40 +149,45 @@ def sweep_pool(
     Records already in ``output`` are reused only if they were measured with this configuration
     (:mod:`hf_mergelaw.provenance`); otherwise this stops, naming what changed. ``restart`` moves
     the old records aside (``<name>.replaced-<time>.jsonl``) and starts over.
+
+    With ``sampling.strategy`` "adaptive" each method merges a small balanced design, then in
+    rounds what the pool model fitted to its records says settles the answer, until
+    ``sampling.budget`` merges or the answer is settled (:mod:`hf_mergelaw.adaptive`);
+    ``SweepSummary.stopped`` says why each method stopped.
     """
-    state = _process_state(pool.device.type)
-    output = Path(output)
-    size = N if N is not None else pool.num_parameters_billions
-    provenance = pool_provenance(pool, eval_set, size)
-    jobs = plan_jobs(methods, ks, pool.names, sampling)
-    moved = None
-    if state.is_main_process:
-        moved = _move_aside(output) if restart else None
-    state.wait_for_everyone()
-    store = RecordStore(output)
-    with store.exclusive() if state.is_main_process else contextlib.nullcontext():
-        if state.is_main_process:
-            _claim(store, provenance, methods)
-        # Every rank must split the same job list: all read what is done before any writes more.
-        state.wait_for_everyone()
-        done = {record_key(r) for path in _result_files(output) for r in RecordStore(path)}
-        todo = [job for job in jobs if job.key not in done]
-        state.wait_for_everyone()
-        results = RecordStore(_rank_file(output, state)) if state.num_processes > 1 else store
-        written = _measure(pool, eval_set, todo, results, state, batch_size, size, sampling.seed,
-                           progress)  # fmt: skip
-        if state.num_processes > 1:
-            state.wait_for_everyone()
-            if state.is_main_process:
-                _gather_rank_files(output)
-            state.wait_for_everyone()
-    return SweepSummary(
-        output,
-        planned=len(jobs),
-        written=written,
-        skipped=len(jobs) - len(todo),
-        moved_aside=moved,
-    )
+    ks = list(ks)
+    if sampling.adaptive:
+        check_adaptive(len(pool.names), ks, sampling.budget)
+    jobs = [] if sampling.adaptive else plan_jobs(methods, ks, pool.names, sampling)
+    options = _Options(Path(output), batch_size, N, sampling.seed, progress, restart)
+    with _session(pool, eval_set, methods, options) as recorder:
+        if sampling.adaptive:
+            summary = _sweep_adaptively(recorder, methods, ks, sampling)
+        else:
+            summary = _sweep_jobs(recorder, jobs)
+    return replace(summary, moved_aside=recorder.moved_aside)
+
+
+def sweep_jobs(
+    pool: ExpertPool,
+    eval_set: EvalSet,
+    jobs: Sequence[Job],
+    *,
+    output: str | Path,
+    batch_size: int = 8,
+    N: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    restart: bool = False,
+) -> SweepSummary:
+    """Merge and record the ``jobs`` not yet in ``output`` as a sweep does once it has chosen its
+    subsets (provenance checked, the output locked, ranks sharing the work): for subsets chosen
+    elsewhere, e.g. held-out merges that check a pool model. ``seed`` goes into the records."""
+    methods = list({job.method.label: job.method for job in jobs}.values())
+    options = _Options(Path(output), batch_size, N, seed, progress, restart)
+    with _session(pool, eval_set, methods, options) as recorder:
+        summary = _sweep_jobs(recorder, jobs)
+    return replace(summary, moved_aside=recorder.moved_aside)
 
 
 def pool_provenance(pool: ExpertPool, eval_set: EvalSet, N: float) -> Provenance:
@@ -186,47 +202,158 @@ def pool_provenance(pool: ExpertPool, eval_set: EvalSet, N: float) -> Provenance
     )
 
 
-def _measure(
-    pool: ExpertPool,
-    eval_set: EvalSet,
-    jobs: Sequence[Job],
-    results: RecordStore,
-    state: Any,
-    batch_size: int,
-    N: float,
-    seed: int,
-    progress: bool,
-) -> int:
-    """Merge and evaluate this rank's share of ``jobs``, one record each; the count written."""
-    written = 0
-    with state.split_between_processes(list(jobs)) as mine:
-        bar = tqdm(
-            mine, desc="merge + eval", unit="model", disable=not progress, dynamic_ncols=True
+@dataclass(frozen=True)
+class _Options:
+    output: Path
+    batch_size: int
+    N: float | None
+    seed: int
+    progress: bool
+    restart: bool
+
+
+class _Recorder:
+    """One sweep's records as one rank sees them: what every rank has recorded so far, and how
+    this rank merges, evaluates and appends its share of a list of jobs."""
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        eval_set: EvalSet,
+        state: Any,
+        options: _Options,
+        N: float,
+        moved_aside: Path | None,
+    ) -> None:
+        self.pool, self.eval_set, self.state, self.options = pool, eval_set, state, options
+        self.output, self.N, self.moved_aside = options.output, N, moved_aside
+        multi = state.num_processes > 1
+        self.results = RecordStore(_rank_file(self.output, state) if multi else self.output)
+        self.bar = tqdm(
+            total=0,
+            desc="merge + eval",
+            unit="model",
+            disable=not options.progress,
+            dynamic_ncols=True,
         )
-        for job in bar:
-            start = time.perf_counter()
-            pool.merge(job.method, job.subset)
-            merged = time.perf_counter()
-            measured = cross_entropy(
-                pool.model, eval_set, batch_size=batch_size, device=pool.device
-            )
-            timing = {"merge_s": merged - start, "eval_s": time.perf_counter() - merged}
-            results.append(
-                make_record(
-                    label=job.method.label,
-                    method_name=job.method.name,
-                    params=job.method.params,
-                    subset=job.subset,
-                    measured=measured,
-                    N=N,
-                    seed=seed,
-                    timing=timing,
-                )
-            )
-            written += 1
-            bar.set_postfix(k=job.k, ce=f"{measured.cross_entropy:.4f}")
-    pool.restore_base()
-    return written
+
+    def synchronized_records(self) -> list[dict[str, Any]]:
+        """Every rank's records (the output and the rank files), read once every rank has
+        appended its last merge and by every rank before any appends more: all plan alike."""
+        self.state.wait_for_everyone()
+        records = [r for path in _result_files(self.output) for r in RecordStore(path)]
+        self.state.wait_for_everyone()
+        return records
+
+    def measure(self, jobs: Sequence[Job]) -> int:
+        """Merge and evaluate this rank's share of ``jobs``, one record each; the count written."""
+        written = 0
+        with self.state.split_between_processes(list(jobs)) as mine:
+            self.bar.total += len(mine)
+            self.bar.refresh()
+            for job in mine:
+                self.results.append(self._record(job))
+                written += 1
+                self.bar.update()
+        return written
+
+    def _record(self, job: Job) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.pool.merge(job.method, job.subset)
+        merged = time.perf_counter()
+        measured = cross_entropy(
+            self.pool.model, self.eval_set, batch_size=self.options.batch_size,
+            device=self.pool.device,
+        )  # fmt: skip
+        self.bar.set_postfix(k=job.k, ce=f"{measured.cross_entropy:.4f}")
+        return make_record(
+            label=job.method.label,
+            method_name=job.method.name,
+            params=job.method.params,
+            subset=job.subset,
+            measured=measured,
+            N=self.N,
+            seed=self.options.seed,
+            timing={"merge_s": merged - start, "eval_s": time.perf_counter() - merged},
+        )
+
+    def finish(self) -> None:
+        """Restore the base weights and gather the rank files into the output."""
+        self.bar.close()
+        self.pool.restore_base()
+        if self.state.num_processes > 1:
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                _gather_rank_files(self.output)
+            self.state.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _session(
+    pool: ExpertPool, eval_set: EvalSet, methods: Sequence[MethodSpec], options: _Options
+) -> Iterator[_Recorder]:
+    """Hold the output for one sweep: move old records aside on restart, check and record the
+    provenance and lock the file (main process); gather the ranks' records at the end."""
+    state = _process_state(pool.device.type)
+    size = options.N if options.N is not None else pool.num_parameters_billions
+    provenance = pool_provenance(pool, eval_set, size)
+    output = options.output
+    moved = _move_aside(output) if options.restart and state.is_main_process else None
+    state.wait_for_everyone()
+    store = RecordStore(output)
+    with store.exclusive() if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            _claim(store, provenance, methods)
+        recorder = _Recorder(pool, eval_set, state, options, size, moved)
+        yield recorder
+        recorder.finish()
+
+
+def _sweep_jobs(recorder: _Recorder, jobs: Sequence[Job]) -> SweepSummary:
+    # Every rank must split the same job list: all read what is done before any writes more.
+    done = {record_key(r) for r in recorder.synchronized_records()}
+    todo = [job for job in jobs if job.key not in done]
+    written = recorder.measure(todo)
+    return SweepSummary(
+        recorder.output, planned=len(jobs), written=written, skipped=len(jobs) - len(todo)
+    )
+
+
+def _sweep_adaptively(
+    recorder: _Recorder,
+    methods: Sequence[MethodSpec],
+    ks: Sequence[int],
+    sampling: SamplingConfig,
+) -> SweepSummary:
+    """Each method in turn: rounds of :func:`~hf_mergelaw.adaptive.next_round`, one pick per
+    rank, until it stops; every rank computes the same round from the same records."""
+    planned = skipped = written = 0
+    stopped = {}
+    for method in methods:
+        step = _round(recorder, method, ks, sampling)
+        skipped += step.merged
+        while step.stop is None:
+            written += recorder.measure([Job(method, len(s), s) for s in step.picks])
+            step = _round(recorder, method, ks, sampling)
+        planned += step.merged
+        stopped[method.label] = step.stop
+    return SweepSummary(
+        recorder.output, planned=planned, written=written, skipped=skipped, stopped=stopped
+    )
+
+
+def _round(
+    recorder: _Recorder, method: MethodSpec, ks: Sequence[int], sampling: SamplingConfig
+) -> Round:
+    return next_round(
+        recorder.synchronized_records(),
+        method=method.label,
+        experts=recorder.pool.names,
+        ks=ks,
+        budget=sampling.budget,
+        count=recorder.state.num_processes,
+        seed=sampling.seed,
+    )
 
 
 def _claim(store: RecordStore, provenance: Provenance, methods: Sequence[MethodSpec]) -> None:

@@ -13,6 +13,7 @@ eval:                             # texts or prompt/response pairs; a JSON-lines
 methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
 k: 1-9                            # or 1-3,8, a list [1, 2, 4], or one number
 sampling: {strategy: balanced | uniform | all | permutations, per_k: 20, seed: 0}
+                                  # or {strategy: adaptive, budget: 60, seed: 0}: merges per method
 output: results.jsonl
 device: auto
 dtype: bfloat16
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from .adaptive import ADAPTIVE, check_adaptive
 from .errors import PoolError, SweepConfigError, UserError
 from .experts import named_experts
 from .k_values import parse_k
@@ -45,7 +47,8 @@ EVAL_KEYS = (
     "data", "split", "text_field", "prompt_field", "response_field", "domain_field",
     "max_length", "batch_size", "max_samples", "tokenizer",
 )  # fmt: skip
-SAMPLING_KEYS = ("strategy", "per_k", "seed")
+SAMPLING_KEYS = ("strategy", "per_k", "seed", "budget")
+SAMPLING_STRATEGIES = (*STRATEGIES, ADAPTIVE)
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,17 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """Which subsets a sweep merges. ``budget``: merges per method of an adaptive sweep
+    (:mod:`hf_mergelaw.adaptive`); ``per_k`` is for the other strategies."""
+
     strategy: str = "balanced"
     per_k: int = 20
     seed: int = 0
+    budget: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.strategy == ADAPTIVE
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,8 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
             check_all_subsets(len(experts), ks)
         except UserError as error:
             raise SweepConfigError(f"sampling: {error}") from None
+    if sampling.adaptive:
+        check_adaptive(len(experts), ks, sampling.budget)
     device = str(section.get("device", "auto"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SweepConfigError(
@@ -238,15 +251,37 @@ def _is_number(value: Any) -> bool:
 def _sampling(value: Any) -> SamplingConfig:
     section = _mapping(value, "sampling", SAMPLING_KEYS)
     sampling = SamplingConfig(**section)
-    if sampling.strategy not in STRATEGIES:
+    if sampling.strategy not in SAMPLING_STRATEGIES:
         raise SweepConfigError(
-            f"sampling.strategy={sampling.strategy!r}; use one of {', '.join(STRATEGIES)}."
+            f"sampling.strategy={sampling.strategy!r}; use one of {', '.join(SAMPLING_STRATEGIES)}."
         )
     if not _is_int(sampling.per_k) or sampling.per_k < 1:
         raise SweepConfigError(f"sampling.per_k={sampling.per_k!r} must be a positive integer.")
     if not _is_int(sampling.seed):
         raise SweepConfigError(f"sampling.seed={sampling.seed!r} must be an integer.")
+    if sampling.adaptive:
+        _adaptive_keys(section)
+    elif "budget" in section:
+        raise SweepConfigError(
+            f"sampling.budget is for strategy 'adaptive', not {sampling.strategy!r}; remove it, "
+            "or set strategy: adaptive (then per_k does not apply)."
+        )
     return sampling
+
+
+def _adaptive_keys(section: Mapping[str, Any]) -> None:
+    """An adaptive sweep takes a budget (checked with the pool's size) and no per_k: it chooses
+    how many subsets of each size to merge."""
+    if "per_k" in section:
+        raise SweepConfigError(
+            "sampling.per_k does not apply to strategy 'adaptive' (it picks each size's subsets "
+            "itself); remove it and give budget: the most merges per method."
+        )
+    if "budget" not in section:
+        raise SweepConfigError(
+            "sampling: strategy 'adaptive' needs budget: the most merges per method, e.g. "
+            "{strategy: adaptive, budget: 60, seed: 0}."
+        )
 
 
 def _method(entry: Any, index: int) -> MethodSpec:

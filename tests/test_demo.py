@@ -21,6 +21,7 @@ from hf_mergelaw.demo.science import KSummary, MethodCheck, finite_pool_sd
 from hf_mergelaw.demo.settings import QUICK
 from hf_mergelaw.errors import DemoError
 from hf_mergelaw.law import FitReport
+from hf_mergelaw.pool_model import PoolReport
 from hf_mergelaw.record_schema import job_key
 from hf_mergelaw.sweep import plan_jobs
 from hf_mergelaw.sweep_config import SamplingConfig
@@ -84,11 +85,18 @@ def test_fit_json_holds_finite_per_size_fits(runs):
 
 def test_figures_are_real_pngs(runs):
     first, _ = runs
+    pool_figures = {
+        f"pool/{method}-macro-{figure}"
+        for method in ("average", "ties_fused")
+        for figure in ("synergy", "effects", "predicted")
+    }
     assert set(first.figures) == {
         "cross_domain",
         "in_domain/average",
         "in_domain/ties_fused",
         "spread",
+        "pool_held_out",
+        *pool_figures,
     }
     for path in first.figures.values():
         assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -115,6 +123,34 @@ def test_report_states_the_fit_the_plan_and_the_science_check(runs):
     assert not list(first.output_dir.glob(".*.tmp"))  # atomic writes left no temp files
 
 
+def test_pool_model_is_checked_on_merges_it_was_not_fitted_on(runs):
+    first, _ = runs
+    fitted = {(r["method"], frozenset(r["subset"])) for r in read_records(first.records)}
+    held = read_records(first.held_out)
+    # The quick sweep leaves k = 2, 3, 4 partly unmerged (6 of 15, 20, 15): 3 held out of each.
+    assert len(held) == first.held_out_written == 2 * 3 * 3
+    assert not {(r["method"], frozenset(r["subset"])) for r in held} & fitted
+    check = json.loads(first.pool_check.read_text())["methods"]
+    assert [m["method"] for m in check] == ["average", "ties_fused"]
+    text = first.report.read_text()
+    assert "## Which experts to merge: the pool model" in text and "pool_held_out.png" in text
+    for method in check:
+        assert method["held_out"] == 9 and method["held_out_ks"] == [2, 3, 4]
+        assert method["fitted_on"] == len(fitted) // 2
+        assert math.isfinite(method["r2_within_k"]) and 0 <= method["coverage"] <= 1
+        assert f"{method['r2_within_k']:.3f}" in text
+        assert [s["k"] for s in method["best"]] == list(range(1, M))
+        assert all(0 <= s["p_best"] <= 1 and s["scope"] == "size" for s in method["best"])
+        overall = method["overall"]
+        assert overall["scope"] == "overall" and method["merge_everything_ce"] > 0
+        assert f"{method['merge_everything_ce']:.4f}" in text
+    pools = PoolReport.load(first.pool_model).pools
+    domains = {*QUICK.pool.domains, "macro"}
+    assert {(p.group["method"], p.group["domain"]) for p in pools} == {
+        (m, d) for m in ("average", "ties_fused") for d in domains
+    }
+
+
 def test_every_bound_pinned_parameter_and_the_answers_on_it_carry_a_warning(runs):
     first, _ = runs
     report = FitReport.load(first.fit)
@@ -136,6 +172,7 @@ def test_second_run_loads_the_cache_and_resumes(runs):
     assert first.pool.built and not second.pool.built
     assert second.pool.root == first.pool.root
     assert second.records_written == 0 and second.records_skipped == planned_jobs()
+    assert second.held_out_written == 0
     records = read_records(second.records)
     keys = [job_key(r["method"], r["params"], r["subset"]) for r in records]
     assert len(keys) == len(set(keys)) == planned_jobs()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from hf_mergelaw.errors import RecordsFileError, SweepConfigError
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.record_schema import records_by_domain
 from hf_mergelaw.record_store import RecordStore
-from hf_mergelaw.sweep import plan_jobs, run_sweep
-from hf_mergelaw.sweep_config import load_sweep_config, parse_sweep_config
+from hf_mergelaw.sweep import plan_jobs, run_sweep, sweep_pool
+from hf_mergelaw.sweep_config import SamplingConfig, load_sweep_config, parse_sweep_config
 from hf_mergelaw.sweep_methods import MethodSpec
 from hf_mergelaw.testing import save_model, tiny_llama_config
 from tests.tiny_models import SENTENCES, save_family, write_jsonl
@@ -38,6 +39,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 def _sweep_yaml(tmp_path: Path, family, **overrides: object) -> Path:
     base, experts = family
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(
         tmp_path / "eval.jsonl",
         [{"text": text, "domain": "ab"[i % 2]} for i, text in enumerate(SENTENCES)],
@@ -107,27 +109,37 @@ def test_record_ce_equals_evaluating_the_mergekit_merge(
     assert ours == pytest.approx(cross_entropy(reference, eval_set).cross_entropy, rel=1e-6)
 
 
-def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> None:
-    config_path = _sweep_yaml(tmp_path, family, k="1-4")
-    output = load_sweep_config(config_path).output
-    script = (
-        "import sys; from hf_mergelaw.sweep import run_sweep; "
-        "from hf_mergelaw.sweep_config import load_sweep_config; "
-        "run_sweep(load_sweep_config(sys.argv[1]))"
-    )
+SWEEP_SCRIPT = (
+    "import sys; from hf_mergelaw.sweep import run_sweep; "
+    "from hf_mergelaw.sweep_config import load_sweep_config; "
+    "run_sweep(load_sweep_config(sys.argv[1]))"
+)
+
+
+def _sweep_process(config_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(config_path)],
+    return subprocess.Popen(
+        [sys.executable, "-c", SWEEP_SCRIPT, str(config_path)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def _kill_after(process: subprocess.Popen, output: Path, lines: int) -> int:
+    """SIGKILL the sweep once ``output`` holds ``lines`` records; the records it left."""
     deadline = time.monotonic() + 120
-    while _count_lines(output) < 5 and process.poll() is None and time.monotonic() < deadline:
+    while _count_lines(output) < lines and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    interrupted = _count_lines(output)
+    return _count_lines(output)
+
+
+def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> None:
+    config_path = _sweep_yaml(tmp_path, family, k="1-4")
+    output = load_sweep_config(config_path).output
+    interrupted = _kill_after(_sweep_process(config_path), output, 5)
     assert 5 <= interrupted < 30, "the kill should land mid-sweep"
 
     summary = run_sweep(load_sweep_config(config_path), progress=False)
@@ -135,6 +147,107 @@ def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> No
     assert summary.skipped == interrupted
     assert len(records) == summary.planned == 30
     assert len({(r["method"], tuple(r["subset"])) for r in records}) == 30
+
+
+# Adaptive sweeps: 4 experts, k = 1-3; the pool model needs 10 merges per method to start.
+ADAPTIVE = {"strategy": "adaptive", "budget": 12, "seed": 0}
+
+
+def _merges(records: list[dict]) -> dict[tuple[str, frozenset[str]], float]:
+    return {(r["method"], frozenset(r["subset"])): r["ce"] for r in records}
+
+
+def test_adaptive_sweep_merges_at_most_its_budget_of_fresh_subsets(tmp_path, family) -> None:
+    config = load_sweep_config(_sweep_yaml(tmp_path, family, sampling=ADAPTIVE))
+    summary = run_sweep(config, progress=False)
+    records = list(RecordStore(config.output))
+    for method in ("average", "ties"):
+        mine = [r for r in records if r["method"] == method]
+        assert 10 <= len(mine) <= ADAPTIVE["budget"]
+        assert len({frozenset(r["subset"]) for r in mine}) == len(mine)
+        assert {r["k"] for r in mine} == {1, 2, 3}
+    assert summary.planned == summary.written == len(records)
+    assert set(summary.stopped) == {"average", "ties"}
+
+    again = run_sweep(config, progress=False)  # the answer is where it was left: nothing to do
+    assert (again.written, again.skipped, again.stopped) == (0, len(records), summary.stopped)
+    more = replace(config, sampling=replace(config.sampling, budget=ADAPTIVE["budget"] + 1))
+    grown = run_sweep(more, progress=False)  # a larger budget goes on from the records
+    after = list(RecordStore(config.output))
+    assert grown.skipped == len(records) and grown.planned == len(after) <= 2 * 13
+    assert _merges(after).items() >= _merges(records).items()
+    assert len(_merges(after)) == len(after)
+
+
+def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
+    tmp_path, family
+) -> None:
+    sampling = {**ADAPTIVE, "budget": 13}
+    killed = _sweep_yaml(tmp_path / "killed", family, sampling=sampling)
+    whole = _sweep_yaml(tmp_path / "whole", family, sampling=sampling)
+    reference = _sweep_process(whole)
+    output = load_sweep_config(killed).output
+    interrupted = _kill_after(_sweep_process(killed), output, 11)
+    assert 11 <= interrupted < 26, "the kill should land in the rounds"
+    assert reference.wait(timeout=300) == 0
+
+    summary = run_sweep(load_sweep_config(killed), progress=False)
+    resumed = list(RecordStore(output))
+    assert summary.skipped == interrupted and summary.planned == len(resumed)
+    assert _merges(resumed) == _merges(RecordStore(load_sweep_config(whole).output))
+    assert len(_merges(resumed)) == len(resumed)
+
+
+def test_two_torchrun_processes_share_an_adaptive_sweep_one_pick_each(tmp_path, family) -> None:
+    config_path = _sweep_yaml(tmp_path, family, sampling=ADAPTIVE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*launch, "-m", "hf_mergelaw", "sweep", str(config_path), "--no-progress", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = list(RecordStore(load_sweep_config(config_path).output))
+    per_method = {m: sum(r["method"] == m for r in records) for m in ("average", "ties")}
+    written = sorted(int(n) for n in re.findall(r'"written": (\d+)', result.stdout))
+    # Each rank: half the 10-merge start, then one pick of each round, for both methods.
+    assert written == [sum(per_method.values()) // 2] * 2
+    assert len(_merges(records)) == len(records) and max(per_method.values()) <= 12
+
+
+def test_adaptive_sweep_from_python_checks_its_budget(family) -> None:
+    base, experts = family
+    pool = ExpertPool(base, experts, dtype=torch.float32, device="cpu")
+    eval_set = build_eval_set(AutoTokenizer.from_pretrained(base), texts=list(SENTENCES))
+    methods = [MethodSpec.from_config({"name": "average"})]
+    sampling = SamplingConfig("adaptive", budget=9)
+    with pytest.raises(SweepConfigError, match=r"needs 10 merges .* at least 10"):
+        sweep_pool(pool, eval_set, methods=methods, ks=[1, 2, 3], sampling=sampling, output="o")
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        ({"strategy": "adaptive"}, r"strategy 'adaptive' needs budget"),
+        ({"strategy": "adaptive", "budget": 0}, r"sampling.budget=0: .* positive integer"),
+        ({"strategy": "adaptive", "budget": "ten"}, r"sampling.budget='ten': .* positive integer"),
+        ({"strategy": "adaptive", "budget": 9}, r"needs 10 merges per method .* at least 10"),
+        ({"strategy": "adaptive", "budget": 20, "per_k": 4}, r"per_k does not apply"),
+        ({"strategy": "balanced", "budget": 20}, r"budget is for strategy 'adaptive'"),
+        ({"strategy": "adaptiv", "budget": 20}, r"use one of .*permutations, adaptive"),
+    ],
+)
+def test_bad_adaptive_sampling_is_named_with_the_fix(tmp_path, family, sampling, message) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(_sweep_yaml(tmp_path, family, sampling=sampling))
+
+
+def test_adaptive_sweep_of_one_size_is_refused(tmp_path, family) -> None:
+    with pytest.raises(SweepConfigError, match=r"two or more sizes below .* k has 1"):
+        load_sweep_config(_sweep_yaml(tmp_path, family, k=2, sampling=ADAPTIVE))
 
 
 def record(k: int) -> dict:

@@ -17,7 +17,11 @@ The YAML names the base model, the experts (checkpoints or PEFT adapter director
 held-out data, the methods and k; see hf_mergelaw.sweep_config. Records are appended to
 `output` as they are measured, and a re-run skips those already there, so an interrupted sweep
 resumes. <records>.provenance.json says what they were measured with (base, experts, eval data,
-dtype, device, N, version); a re-run with any of those changed stops and says which. With --fit
+dtype, device, N, version); a re-run with any of those changed stops and says which. With
+`sampling: {strategy: adaptive, budget: N}` each method starts from a small balanced design and
+then merges, round by round, what the pool model fitted to its records says settles the best
+subset of each size and the pool curve, until N merges or the answer is settled; the summary says
+why each method stopped, and a re-run continues from the records. With --fit
 the per-size law is fitted per method and domain (<records>.fit.json next to the records); with
 --plot the paper-style figure is written next to them (<records>.law.png).
 """
@@ -66,6 +70,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         "written": summary.written,
         "skipped": summary.skipped,
         "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside),
+        "stopped": summary.stopped,
     }
     if args.fit or args.plot:
         outputs.update(_fit_and_plot(summary.output, fit=args.fit, plot=args.plot))
@@ -78,6 +83,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         )
         if summary.moved_aside is not None:
             print(f"earlier records moved to {summary.moved_aside}")
+        for method, reason in summary.stopped.items():
+            print(f"{method}: stopped, {reason}")
         for key in ("fit", "figure"):
             if key in outputs:
                 print(f"{key}: {outputs[key]}")

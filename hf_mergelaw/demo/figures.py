@@ -4,8 +4,13 @@
   subset means, the fitted ``L_inf + A/(k+b)`` and its bands, and residuals; one panel per method.
 - ``law_in_domain_<method>.png``: the same per domain, each on its own held-out text.
 - ``spread.png``: the sd across subsets against k, with the finite-pool reference.
+- ``pool_held_out.png``: the pool model's predictions of the held-out merges against what they
+  measured, one row per method; ``pool/<method>-macro-{synergy,effects,predicted}.png``: each
+  method's interactions, expert effects and leave-one-out predictions
+  (:mod:`hf_mergelaw.pool_model.plotting`).
 
     paths = draw_figures(rows, fit_report, check, output_dir, num_parameters=1_300_000)
+    paths |= draw_pool_figures(pool_check, output_dir)
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import numpy as np
 from hf_mergelaw.files import write_atomic
 from hf_mergelaw.law import FitReport, load_records
 from hf_mergelaw.law.plotting import plot_sweep
+from hf_mergelaw.pool_model.plotting import draw_predicted, plot_pool
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 
+from .pool_check import PoolCheck
 from .science import ScienceCheck, finite_pool_sd
 
 _DPI = 130
@@ -57,6 +64,26 @@ def draw_figures(
         _save(fig, path)
     paths["spread"] = output_dir / "spread.png"
     _save(spread_figure(check, report), paths["spread"])
+    return paths
+
+
+def draw_pool_figures(check: PoolCheck, output_dir: Path) -> dict[str, Path]:
+    """The pool model's figures; returns {name: path}: ``pool_held_out`` and
+    ``pool/<method>-<figure>``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = {"pool_held_out": output_dir / "pool_held_out.png"}
+    fig = Figure(figsize=(12.5, 5.2 * len(check.methods)), layout="constrained")
+    FigureCanvasAgg(fig)
+    rows = np.atleast_1d(fig.subfigures(len(check.methods), 1))
+    for row, method in zip(rows, check.methods, strict=True):
+        held_out = (method.held_members, method.held_ce) if len(method.held_ce) else None
+        draw_predicted(row, method.model, held_out=held_out)
+    _save(fig, paths["pool_held_out"])
+    for method in check.methods:
+        for path in plot_pool(method.model, output_dir / "pool"):
+            paths[f"pool/{path.stem}"] = path
     return paths
 
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_mergelaw.law import FitReport, FitResult, Plan
+from hf_mergelaw.pool_model import Selection
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 
 from .corpus import DOMAINS
+from .pool_check import MethodPool, PoolCheck
 from .science import R2_THRESHOLD, ScienceCheck
 from .settings import QUICK, TARGET_ABOVE_FLOOR, DemoSettings
 
@@ -30,6 +32,7 @@ class ReportInputs:
     plans: Mapping[str, Plan]  # method -> cross-domain plan
     default_target: bool  # the plans' target is the default, 1% above each floor
     check: ScienceCheck
+    answers: PoolCheck  # the pool model: held-out check and best subsets
     n_records: int
     figures: Mapping[str, str]  # name -> file name
     timings: Mapping[str, float]
@@ -103,6 +106,114 @@ def verdict_lines(check: ScienceCheck, settings: DemoSettings) -> list[str]:
     return lines
 
 
+def _subset(selection: Selection) -> str:
+    return ", ".join(selection.subset)
+
+
+def _selection_ce(selection: Selection) -> str:
+    """The CE merging it gives: measured, or predicted with its interval."""
+    if selection.merged:
+        return f"{selection.mean:.4f} (merged)"
+    return f"{selection.mean:.4f} [{selection.lo:.4f}, {selection.hi:.4f}]"
+
+
+def _held_out_scores(method: MethodPool) -> tuple[str, str]:
+    """R² within k and coverage on the held-out merges, '-' when none were held out."""
+    if not len(method.held_ce):
+        return "-", "-"
+    return f"{method.r2_within_k:.3f}", f"{method.coverage:.0%}"
+
+
+def pool_lines(answers: PoolCheck) -> list[str]:
+    """Each method's held-out check and best subset against merging everything (console)."""
+    lines = []
+    for m in answers.methods:
+        r2, covered = _held_out_scores(m)
+        best = m.overall
+        lines.append(
+            f"  {m.method}: fitted on {m.model.n_records} merges, {len(m.held_ce)} held out: "
+            f"R^2 within k {r2}, {m.model.level:.0%} intervals cover {covered}; best overall "
+            f"{_subset(best)} (k={best.k}) {best.mean:.4f} vs every expert {m.everything:.4f}"
+        )
+    return lines
+
+
+def pool_section(inputs: ReportInputs) -> list[str]:
+    """The report's pool-model section: the held-out check, the best subsets, the figures."""
+    answers, sweep = inputs.answers, inputs.settings.sweep
+    held = answers.methods[0]
+    m = held.model.m
+    if len(held.held_ce):
+        ks = ", ".join(map(str, held.held_out_ks))
+        held_text = (
+            f"then checked on {len(held.held_ce)} subsets per method it was not fitted on: "
+            f"{sweep.held_out_per_k} of each k = {ks} (the sizes the sweep left some of "
+            "unmerged), drawn with a seed among the unmerged ones and merged apart "
+            "(`held_out.jsonl`)"
+        )
+    else:
+        held_text = (
+            "with every subset merged nothing is held out, so the check is leave-one-out only"
+        )
+    out = [
+        "## Which experts to merge: the pool model",
+        "",
+        "Per method, the pool model L(S) = f(k) + (1/k) Σ β_i + (1/k²) Σ γ_ij (f free per k; "
+        "each expert's effect β and each pair's interaction γ shrunk toward the exchangeable "
+        "model by prior scales chosen by marginal likelihood) is fitted to the cross-domain CEs "
+        f"of the sweep above, {held_text}. R² is that of the within-k deviations (what the pool "
+        "model adds to the law's mean at each k); leave-one-out: each fitted merge predicted "
+        "from the others.",
+        "",
+        f"| method | fitted on | held out | R² within k (held out) | {held.model.level:.0%} "
+        "intervals cover (held out) | leave-one-out R² / coverage | best overall | its CE | "
+        f"merging all {m} | gain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in answers.methods:
+        r2, covered = _held_out_scores(method)
+        loo = method.leave_one_out
+        best = method.overall
+        out.append(
+            f"| {method.method} | {method.model.n_records} | {len(method.held_ce)} | {r2} | "
+            f"{covered} | {loo['r2_within_k']:.3f} / {loo['coverage']:.0%} | {_subset(best)} "
+            f"(k={best.k}) | {_selection_ce(best)} | {method.everything:.4f} | "
+            f"{method.everything - best.mean:+.4f} |"
+        )
+    out += [
+        "",
+        "![pool model: predicted against measured CE of held-out merges](pool_held_out.png)",
+        "",
+        "The best subset of each size: its measured CE where the sweep merged it, else the "
+        f"model's prediction with its {held.model.level:.0%} interval; p_best: the share of "
+        "posterior draws in which it is the best of its size.",
+    ]
+    for method in answers.methods:
+        out += [
+            "",
+            f"**{method.method}**",
+            "",
+            "| k | best subset | CE | p_best |",
+            "|---|---|---|---|",
+            *(
+                f"| {s.k} | {_subset(s)} | {_selection_ce(s)} | {s.p_best:.2f} |"
+                for s in method.best
+            ),
+        ]
+    figures = [
+        f"[{name.removeprefix('pool/')}]({file})"
+        for name, file in inputs.figures.items()
+        if name.startswith("pool/")
+    ]
+    out += [
+        "",
+        "Per method in `pool/`: " + ", ".join(figures) + ". `pool.json` holds the model of every "
+        "method and domain: `hf-mergelaw pool select pool.json --k 3` and `hf-mergelaw pool "
+        "predict pool.json --subset a,b,c` answer from it.",
+    ]
+    return out
+
+
 def console_summary(inputs: ReportInputs) -> str:
     """What the demo prints when done: the fit table, the plan and the science verdict."""
     lines = ["", "Fits of L(k) = L_inf + A/(k+b) (per-size law, weights k):"]
@@ -122,6 +233,7 @@ def console_summary(inputs: ReportInputs) -> str:
             f"({'shrinks' if m.spread_shrinks else 'does NOT shrink'})"
         )
     lines += ["  " + line for line in verdict_lines(inputs.check, inputs.settings)]
+    lines += ["", "Pool model (cross-domain):", *pool_lines(inputs.answers)]
     return "\n".join(lines)
 
 
@@ -227,6 +339,7 @@ def render_report(inputs: ReportInputs) -> str:
         out += [f"Each target loss is {TARGET_ABOVE_FLOOR:.0%} above its method's floor.", ""]
     for method, p in inputs.plans.items():
         out += [f"- **{method}**", *(f"  - {line}" for line in p.describe())]
+    out += ["", *pool_section(inputs)]
     out += [
         "",
         "## The pool",
@@ -257,8 +370,10 @@ def render_report(inputs: ReportInputs) -> str:
         "",
         "## Files and timings",
         "",
-        "`records.jsonl` (one line per merged model; a re-run resumes it), `fit.json` "
-        "(`hf-mergelaw plan fit.json ...` reads it), `plan.json`, `science.json`, the figures.",
+        "`records.jsonl` (one line per merged model; a re-run resumes it), `held_out.jsonl` "
+        "(the held-out merges), `fit.json` (`hf-mergelaw plan fit.json ...` reads it), "
+        "`plan.json`, `science.json`, `pool.json` (`hf-mergelaw pool ...` reads it), "
+        "`pool_check.json`, the figures.",
         "",
         "| step | seconds |",
         "|---|---|",

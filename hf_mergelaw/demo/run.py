@@ -5,10 +5,13 @@
     print(result.summary)                             # fit table, plan, science verdict
     result.report, result.check.passed, result.plans["average"].k90
 
-Everything lands in the output folder: ``records.jsonl`` (appended per merge, so an interrupted
-run resumes), ``fit.json``, ``plan.json``, ``science.json``, four PNG figures and ``report.md``,
-each written atomically, the report last. ``run.json`` pins the settings the records were measured
-with; a folder holding another size's records is refused rather than mixed.
+Everything lands in the output folder: ``records.jsonl`` (the balanced sweep, appended per merge,
+so an interrupted run resumes), ``held_out.jsonl`` (merges kept out of every fit, to check the
+pool model), ``fit.json``, ``plan.json``, ``science.json``, ``pool.json`` (the pool model of every
+method and domain: ``hf-mergelaw pool predict/select`` read it), ``pool_check.json``, the PNG
+figures (the pool model's in ``pool/``) and ``report.md``, each written atomically, the report
+last. ``run.json`` pins the settings the records were measured with; a folder holding another
+size's records is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ from hf_mergelaw.errors import DemoError
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.files import read_json, write_atomic, write_json
 from hf_mergelaw.law import FitReport, Plan, fit_sweep, plan
+from hf_mergelaw.pool_model import fit_pools
 from hf_mergelaw.record_schema import CROSS_DOMAIN, records_by_domain
 from hf_mergelaw.record_store import RecordStore
-from hf_mergelaw.sweep import SweepSummary, sweep_pool
+from hf_mergelaw.sweep import Job, SweepSummary, sweep_jobs, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig
 from hf_mergelaw.sweep_methods import MethodSpec
 
 from .corpus import DOMAINS, Corpus, eval_chunks, load_corpus
-from .figures import draw_figures
+from .figures import draw_figures, draw_pool_figures
 from .pool import DemoPool, build_or_load_pool, default_cache_dir
+from .pool_check import PoolCheck, check_pools, held_out_subsets
 from .report import ReportInputs, console_summary, render_report
 from .science import ScienceCheck, check_science
 from .settings import DEFAULT_MIN_GAIN, FULL, QUICK, TARGET_ABOVE_FLOOR, DemoSettings
@@ -49,16 +54,21 @@ class DemoResult:
 
     output_dir: Path
     records: Path
+    held_out: Path
     fit: Path
     plan: Path
     science: Path
+    pool_model: Path
+    pool_check: Path
     report: Path
     figures: dict[str, Path]
     pool: DemoPool
     check: ScienceCheck
+    answers: PoolCheck
     plans: dict[str, Plan]
     records_written: int
     records_skipped: int
+    held_out_written: int
     timings: dict[str, float]
     threads: int
     summary: str  # the fit table, the plans and the science verdict, as the CLI prints them
@@ -98,15 +108,22 @@ def run_demo(
     threads = idle_cores(load_average) if threads is None else threads
     timings: dict[str, float] = {}
     records_path = output_dir / "records.jsonl"
+    held_out_path = output_dir / "held_out.jsonl"
     with _torch_threads(threads), _quiet_transformers():
         corpus = demo_corpus(settings)
         pool_files = build_or_load_pool(settings.pool, corpus, cache_dir, progress=progress)
         timings["pool (built)" if pool_files.built else "pool (cached)"] = _lap(start)
-        summary, base = measure(pool_files, corpus, settings, records_path, progress=progress)
-        timings["sweep"] = _lap(start, timings)
+        measured = measure(
+            pool_files, corpus, settings, records_path, held_out_path, progress=progress
+        )
+        summary, base = measured.sweep, measured.base
+        timings["sweep (and held-out merges)"] = _lap(start, timings)
 
-    stages = tqdm(total=3, desc="fit, plan, figures", disable=not progress, dynamic_ncols=True)
-    rows = records_by_domain(list(RecordStore(records_path)))
+    stages = tqdm(
+        total=4, desc="fit, plan, pool model, figures", disable=not progress, dynamic_ncols=True
+    )
+    records = list(RecordStore(records_path))
+    rows = records_by_domain(records)
     fits = fit_sweep(
         rows,
         form="per-size",
@@ -123,9 +140,17 @@ def run_demo(
     write_json(paths["science"], check.to_dict())
     stages.update()
     timings["fit + plan"] = _lap(start, timings)
+    pool_report = fit_pools(records, by=("method", "domain"), experts=corpus.names)
+    answers = check_pools(pool_report, list(RecordStore(held_out_path)), seed=settings.sweep.seed)
+    paths |= {"pool": output_dir / "pool.json", "pool_check": output_dir / "pool_check.json"}
+    pool_report.save(paths["pool"])
+    write_json(paths["pool_check"], answers.to_dict())
+    stages.update()
+    timings["pool model"] = _lap(start, timings)
     figures = draw_figures(
         rows, fits, check, output_dir, num_parameters=pool_files.manifest["num_parameters"]
     )
+    figures |= draw_pool_figures(answers, output_dir)
     stages.update()
     stages.close()
     timings["figures"] = _lap(start, timings)
@@ -143,8 +168,9 @@ def run_demo(
         plans=plans,
         default_target=target_loss is None,
         check=check,
+        answers=answers,
         n_records=summary.planned,
-        figures={name: path.name for name, path in figures.items()},
+        figures={name: str(path.relative_to(output_dir)) for name, path in figures.items()},
         timings=timings,
         threads=threads,
         load_average=load_average,
@@ -154,20 +180,32 @@ def run_demo(
     return DemoResult(
         output_dir=output_dir,
         records=records_path,
+        held_out=held_out_path,
         fit=paths["fit"],
         plan=paths["plan"],
         science=paths["science"],
+        pool_model=paths["pool"],
+        pool_check=paths["pool_check"],
         report=report_path,
         figures=figures,
         pool=pool_files,
         check=check,
+        answers=answers,
         plans=plans,
         records_written=summary.written,
         records_skipped=summary.skipped,
+        held_out_written=measured.held_out.written,
         timings=timings,
         threads=threads,
         summary=console_summary(inputs) + f"\n\nreport: {report_path}",
     )
+
+
+@dataclass(frozen=True)
+class Measured:
+    sweep: SweepSummary
+    held_out: SweepSummary
+    base: CrossEntropy  # the base model alone
 
 
 def measure(
@@ -175,25 +213,40 @@ def measure(
     corpus: Corpus,
     settings: DemoSettings,
     records_path: Path,
+    held_out_path: Path,
     *,
     progress: bool = True,
-) -> tuple[SweepSummary, CrossEntropy]:
-    """Sweep the pool into ``records_path`` (resuming what is there) and score the base alone."""
+) -> Measured:
+    """Sweep the pool into ``records_path``, merge the held-out subsets into ``held_out_path``
+    (each resuming what is there) and score the base alone."""
     pool = ExpertPool(pool_files.base_dir, pool_files.experts, device="cpu", dtype=torch.float32)
     eval_set = demo_eval_set(pool_files.base_dir, corpus, settings)
-    sweep = settings.sweep
+    sweep, methods, names = settings.sweep, demo_methods(settings), pool.names
     summary = sweep_pool(
         pool,
         eval_set,
-        methods=demo_methods(settings),
-        ks=range(1, len(corpus.names) + 1),
+        methods=methods,
+        ks=range(1, len(names) + 1),
         sampling=SamplingConfig(strategy=sweep.strategy, per_k=sweep.per_k, seed=sweep.seed),
         output=records_path,
         batch_size=sweep.eval_batch_size,
         progress=progress,
     )
-    # sweep_pool leaves the base weights in the model.
-    return summary, cross_entropy(pool.model, eval_set, batch_size=sweep.eval_batch_size)
+    subsets = [tuple(names[i] for i in s) for s in held_out_subsets(len(names), sweep)]
+    held_out = SweepSummary(held_out_path, planned=0, written=0, skipped=0)
+    if subsets:  # none when the sweep merged every subset
+        held_out = sweep_jobs(
+            pool,
+            eval_set,
+            [Job(method, len(subset), subset) for method in methods for subset in subsets],
+            output=held_out_path,
+            batch_size=sweep.eval_batch_size,
+            seed=sweep.seed,
+            progress=progress,
+        )
+    # Sweeps leave the base weights in the model.
+    base = cross_entropy(pool.model, eval_set, batch_size=sweep.eval_batch_size)
+    return Measured(summary, held_out, base)
 
 
 def demo_corpus(settings: DemoSettings) -> Corpus:

@@ -49,6 +49,8 @@ class SweepSettings:
 
     ``strategy`` "balanced": ``per_k`` subsets drawn per k with every expert in equally many
     (seeded; all of them where a k has fewer); "all": every subset (2^M - 1 merges per method).
+    ``held_out_per_k``: subsets of each k the sweep left unmerged, merged apart to check the pool
+    model on subsets it was not fitted on (none with "all").
     """
 
     ties_density: float
@@ -57,6 +59,7 @@ class SweepSettings:
     eval_chars: int
     eval_batch_size: int
     bootstrap: int
+    held_out_per_k: int
     strategy: str = "balanced"
     seed: int = 0
 
@@ -123,6 +126,7 @@ FULL = DemoSettings(
         eval_chars=700,
         eval_batch_size=16,
         bootstrap=100,
+        held_out_per_k=4,
     ),
 )
 
@@ -152,5 +156,6 @@ QUICK = DemoSettings(
         eval_chars=350,
         eval_batch_size=16,
         bootstrap=20,
+        held_out_per_k=3,
     ),
 )

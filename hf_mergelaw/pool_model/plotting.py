@@ -4,6 +4,7 @@ leave-one-out predictions against the measured CEs.
 matplotlib's object API with the Agg canvas (no pyplot state); each PNG is written atomically::
 
     paths = plot_pool(model, Path("figures"))   # <group>-synergy.png, -effects.png, -predicted.png
+    draw_predicted(figure, model, held_out=(members, ce))   # merges it never saw, into a figure
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def plot_pool(model: PoolModel, directory: Path) -> list[Path]:
     for name, draw in (
         ("synergy", _synergy),
         ("effects", _effects),
-        ("predicted", _predicted),
+        ("predicted", draw_predicted),
     ):
         path = directory / f"{stem}-{name}.png"
         _save(draw, model, path)
@@ -51,7 +52,7 @@ def _save(draw: Callable[[Any, PoolModel], None], model: PoolModel, path: Path) 
     from matplotlib.figure import Figure
 
     size = max(4.5, 0.45 * model.m + 2)
-    wide = 2 if draw is _predicted else 1
+    wide = 2 if draw is draw_predicted else 1
     figure = Figure(figsize=(wide * size + 1, size), layout="constrained")
     FigureCanvasAgg(figure)
     draw(figure, model)
@@ -93,31 +94,49 @@ def _effects(figure: Any, model: PoolModel) -> None:
     ax.set_title(f"{_title(model)}\neach expert's own effect beta", fontsize=10)
 
 
-def _predicted(figure: Any, model: PoolModel) -> None:
-    """Left: CE; right: the same as deviations from each size's mean CE (what the pool model
-    adds to the law). Each merge is predicted with it left out of the fit."""
-    records, t = model.records, model.t_value()
-    ok = np.isfinite(records.loo_mean)
-    ce, mean, sd, k = records.ce[ok], records.loo_mean[ok], records.loo_sd[ok], records.k[ok]
+def draw_predicted(
+    figure: Any, model: PoolModel, held_out: tuple[np.ndarray, np.ndarray] | None = None
+) -> None:
+    """Predicted against measured CE into ``figure`` (a matplotlib Figure or SubFigure). Left:
+    CE; right: the same as deviations from each size's mean CE (what the pool model adds to the
+    law). The points: the fitted merges, each predicted with it left out of the fit, or
+    ``held_out = (members, ce)``, merges the model was not fitted on (boolean rows over
+    ``model.experts``) and what they measured."""
+    ce, mean, half, k = _points(model, held_out)
     level = np.zeros_like(ce)
     for size in np.unique(k):
         level[k == size] = ce[k == size].mean()
     r2 = within_k_r2(ce, mean, k)
-    covered = coverage(ce, mean - t * sd, mean + t * sd)
+    covered = coverage(ce, mean - half, mean + half)
+    how = "merge left out of the fit" if held_out is None else "merges it was not fitted on"
     for n, (shift, what) in enumerate(((0.0, "CE"), (level, "CE - mean CE of its k"))):
         ax = figure.add_subplot(1, 2, n + 1)
         x, y = mean - shift, ce - shift
-        ax.errorbar(x, y, xerr=t * sd, fmt="none", ecolor="0.75", elinewidth=0.8, zorder=1)
+        ax.errorbar(x, y, xerr=half, fmt="none", ecolor="0.75", elinewidth=0.8, zorder=1)
         points = ax.scatter(x, y, c=k, cmap="viridis", s=14, zorder=2)
         edges = [min(x.min(), y.min()), max(x.max(), y.max())]
         ax.plot(edges, edges, color="black", linewidth=0.8)
-        ax.set_xlabel(f"predicted {what}\n(merge left out of the fit, {model.level:.0%} interval)")
+        ax.set_xlabel(f"predicted {what}\n({how}, {model.level:.0%} interval)")
         ax.set_ylabel(f"measured {what}")
     figure.colorbar(points, ax=ax, label="k")
     figure.suptitle(
         f"{_title(model)}: R^2 within k {r2:.3f}, {model.level:.0%} intervals cover {covered:.0%}",
         fontsize=10,
     )
+
+
+def _points(
+    model: PoolModel, held_out: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(measured CE, predicted mean, interval half-width, k) of the points to draw."""
+    if held_out is not None:
+        members, ce = np.asarray(held_out[0], dtype=bool), np.asarray(held_out[1], dtype=float)
+        prediction = model.predict(members)
+        return ce, prediction.mean, prediction.hi - prediction.mean, members.sum(axis=1)
+    records, t = model.records, model.t_value()
+    # Records that alone pin a parameter (the one merge of a size) have no such prediction.
+    ok = np.isfinite(records.loo_mean)
+    return records.ce[ok], records.loo_mean[ok], t * records.loo_sd[ok], records.k[ok]
 
 
 def _title(model: PoolModel) -> str:

@@ -1,0 +1,227 @@
+"""Adaptive sweeps: merge what the pool model says settles the answer, until it is settled or the
+budget is spent.
+
+A method's adaptive sweep starts from a small balanced design (the fewest merges that identify
+the pool model, every k of the sweep covered, every expert in equally many), then goes in rounds:
+fit the pool model to the method's records (the cross-domain curve), stop if the answer is
+settled, else merge the subsets that most reduce the uncertainty of the best subset of each size
+and of the pool curve (:func:`~hf_mergelaw.pool_model.next_subsets`). Each round is a function of
+the records and the settings alone, so a re-run (after a crash too) continues where the last one
+stopped, and every rank of a multi-process sweep computes the same round::
+
+    step = next_round(records, method="ties", experts=names, ks=range(1, 9), budget=40, count=2)
+    step.picks      # the subsets to merge now, in pool order; () once it stops
+    step.stop       # why it stopped; None while it goes on
+
+Settled means, once the method has a merge per parameter of the pool model and the fit has 10
+residual degrees of freedom: at every size with two or more subsets the best subset has p_best
+>= 0.9 and the pool curve's interval is narrow (half-width at most 5% of the curve's fall over the
+sizes), or the most informative next merge would remove under 1% of the answers' uncertainty on
+average.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SweepConfigError
+from .pool_model import (
+    PoolModel,
+    PoolRecords,
+    answer_targets,
+    candidate_subsets,
+    fit_pool,
+    next_subsets,
+    pool_curve,
+    pool_records,
+    required_records,
+    select,
+)
+from .record_schema import CROSS_DOMAIN, WHOLE_SET
+from .subsets import balanced_design
+
+ADAPTIVE = "adaptive"  # the sweep YAML's sampling.strategy
+P_BEST_SETTLED = 0.9
+# The pool curve is settled when each size's interval half-width is at most this share of the
+# curve's fall over the sizes: finer than any question about how many experts to merge.
+CURVE_SETTLED = 0.05
+# The best next merge removing less than this share of each answer's variance, on average over
+# the answers, is not worth making.
+SCORE_SETTLED = 0.01
+# Residual degrees of freedom before anything counts as settled: the misfit's sd is then known
+# to about 1/sqrt(2 * 10), a fifth of itself.
+DOF_SETTLED = 10
+SELECT_DRAWS = 1000
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one method's adaptive sweep does next: merge ``picks`` (subsets in pool order), or
+    stop, saying why (``stop``). ``merged``: the method's merges in the records so far."""
+
+    merged: int
+    picks: tuple[tuple[str, ...], ...]
+    stop: str | None = None
+
+
+def check_adaptive(num_experts: int, ks: Sequence[int], budget: int | None) -> None:
+    """Refuse an adaptive sweep the pool model cannot be fitted to within ``budget`` merges."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise SweepConfigError(
+            f"sampling.budget={budget!r}: an adaptive sweep needs a budget, a positive integer "
+            "(the most merges per method), e.g. {strategy: adaptive, budget: 60, seed: 0}."
+        )
+    below = [k for k in ks if k < num_experts]
+    if len(below) < 2:
+        raise SweepConfigError(
+            f"sampling: strategy 'adaptive' fits the pool model, which tells each expert's effect "
+            f"from the interactions only across two or more sizes below the pool's "
+            f"{num_experts} experts; k has {len(below)}. Widen k (e.g. k: 1-{num_experts})."
+        )
+    needed = required_records(len(ks), num_experts)
+    available = sum(math.comb(num_experts, k) for k in ks)
+    if available < needed:
+        raise SweepConfigError(
+            f"sampling: strategy 'adaptive' needs {needed} merges per method to identify the pool "
+            f"model of {num_experts} experts at {len(ks)} sizes, but k has only {available} "
+            "subsets; use strategy: all."
+        )
+    if budget < needed:
+        raise SweepConfigError(
+            f"sampling.budget={budget}: an adaptive sweep of {num_experts} experts at {len(ks)} "
+            f"sizes needs {needed} merges per method before the pool model can choose any (a "
+            f"curve level per size, an effect per expert and {num_experts - 1} more); set budget "
+            f"to at least {needed}."
+        )
+
+
+def start_counts(num_experts: int, ks: Sequence[int]) -> dict[int, int]:
+    """Subsets per size of the starting design: the pool model's minimum, dealt out one size at a
+    time (smallest first) so every size gets its share, capped by its number of subsets (all of
+    them, where the sizes hold fewer: :func:`check_adaptive` refuses such a sweep)."""
+    counts = dict.fromkeys(sorted(ks), 0)
+    short = required_records(len(ks), num_experts)
+    while short > 0:
+        open_sizes = [k for k in counts if counts[k] < math.comb(num_experts, k)][:short]
+        if not open_sizes:
+            break
+        for k in open_sizes:
+            counts[k] += 1
+        short -= len(open_sizes)
+    return counts
+
+
+def start_design(experts: Sequence[str], ks: Sequence[int], seed: int) -> list[tuple[str, ...]]:
+    """The balanced design an adaptive sweep starts from, as subsets in pool order."""
+    counts = start_counts(len(experts), ks)
+    return [
+        tuple(experts[i] for i in subset) for subset in balanced_design(len(experts), counts, seed)
+    ]
+
+
+def next_round(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    method: str,
+    experts: Sequence[str],
+    ks: Sequence[int],
+    budget: int,
+    count: int = 1,
+    seed: int = 0,
+) -> Round:
+    """The next round of ``method``'s adaptive sweep from the records measured so far.
+
+    Args:
+        records: sweep records (any methods; those of ``method`` whose subsets lie in the pool
+            and at the sweep's sizes count).
+        experts: the pool, in its order; picks name experts in this order.
+        ks: the sweep's sizes.
+        budget: the method's merges at most, those already recorded included.
+        count: subsets per round after the starting design (one per rank).
+        seed: seeds the starting design, the candidate sample of large pools and the draws.
+    """
+    ks = sorted({int(k) for k in ks})
+    rows = _method_rows(records, method, experts, ks)
+    merged = {frozenset(row["subset"]) for row in rows}
+    room = budget - len(rows)
+    if room <= 0:
+        return Round(len(rows), (), f"budget spent: {len(rows)} merges (budget {budget})")
+    start = [s for s in start_design(experts, ks, seed) if frozenset(s) not in merged]
+    if start:
+        return Round(len(rows), tuple(start[:room]))
+    model = fit_pool(_cross_domain(rows, experts))
+    # Seeds the draws and the candidate sample; any integer seed, numpy wants one in [0, 2^32).
+    round_seed = random.Random(f"adaptive-{seed}-{len(rows)}").getrandbits(32)
+    # Below one merge per parameter the interactions rest on prior scales fitted to few merges,
+    # which can shrink to zero, and with few residual degrees of freedom the misfit can fit to
+    # zero: either makes every interval collapse and any answer look settled.
+    can_settle = len(rows) >= model.theta.size and model.dof >= DOF_SETTLED
+    settled = _settled(model, round_seed) if can_settle else None
+    if settled:
+        return Round(len(rows), (), f"settled after {len(rows)} merges: {settled}")
+    candidates = candidate_subsets(model, round_seed)
+    if candidates.shape[0] == 0:
+        return Round(len(rows), (), f"every subset at k {_sizes(ks)} is merged ({len(rows)})")
+    targets = answer_targets(model)
+    picks = next_subsets(model, min(count, room), candidates=candidates, targets=targets)
+    gain = picks[0].score / targets.shape[0]
+    if can_settle and gain < SCORE_SETTLED:
+        return Round(
+            len(rows),
+            (),
+            f"settled after {len(rows)} merges: the most informative next merge would remove "
+            f"{gain:.2%} of the answers' uncertainty on average (under {SCORE_SETTLED:.0%})",
+        )
+    order = {name: i for i, name in enumerate(experts)}
+    return Round(len(rows), tuple(tuple(sorted(p.subset, key=order.__getitem__)) for p in picks))
+
+
+def _method_rows(
+    records: Iterable[Mapping[str, Any]], method: str, experts: Sequence[str], ks: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The method's records in the pool and at the sweep's sizes, without their per-domain CEs
+    (the design follows the cross-domain curve), in a canonical order: the fit, and so every
+    pick, must not depend on the order in which ranks appended them."""
+    pool, sizes = set(experts), set(ks)
+    rows = [
+        {key: value for key, value in record.items() if key != "per_domain"}
+        for record in records
+        if record.get("method") == method
+        and set(record["subset"]) <= pool
+        and len(record["subset"]) in sizes
+    ]
+    return sorted(rows, key=lambda row: (len(row["subset"]), sorted(row["subset"])))
+
+
+def _cross_domain(rows: list[dict[str, Any]], experts: Sequence[str]) -> PoolRecords:
+    """The method's cross-domain pool (the whole eval set's where it has no domains)."""
+    groups = pool_records(rows, by=("method", "domain"), experts=experts)
+    return next(g for g in groups if g.group["domain"] in (CROSS_DOMAIN, WHOLE_SET))
+
+
+def _settled(model: PoolModel, seed: int) -> str | None:
+    """Why the answers are settled (see the module docstring), or None while they are not."""
+    sizes = [k for k in model.curve.ks if math.comb(model.m, k) > 1]
+    best = select(model, sizes, top=1, draws=SELECT_DRAWS, seed=seed)
+    lowest = min(s.p_best for s in best)
+    if lowest < P_BEST_SETTLED:
+        return None
+    curve = pool_curve(model, list(model.curve.ks), seed=seed)
+    means = [point.mean for point in curve]
+    fall = max(means) - min(means)
+    width = max((p.hi - p.lo) / 2 for p in curve if p.n_subsets > 1)
+    if width > CURVE_SETTLED * fall:
+        return None
+    return (
+        f"the best subset of every size has p_best >= {P_BEST_SETTLED} (lowest {lowest:.2f}) "
+        f"and every pool-curve interval is within ±{width:.2g} nats ({width / fall:.1%} of the "
+        f"curve's fall)"
+    )
+
+
+def _sizes(ks: Sequence[int]) -> str:
+    return ", ".join(map(str, ks))
