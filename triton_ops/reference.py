@@ -35,7 +35,7 @@ from .selection import (
     window_bounds,
 )
 
-CHUNK = 1 << 15
+CHUNK = 1 << 16
 _ALIGN = 1 << ALIGN_BITS
 _HALF = (torch.bfloat16, torch.float16)
 
