@@ -22,7 +22,7 @@ from ..law.paper import PAPER_SIZES
 from ..law.planning import CostModel, Plan, Tradeoff, plan, size_vs_experts
 from ..law.records import describe_dropped, load_records
 from . import arguments
-from .output import emit, fmt, group_label
+from .output import add_json_options, emit, fmt, group_label
 
 FORM_HELP = (
     "law to fit: per-size (L_inf + A/(k+b), one fit per N), joint (L_star + B N^-beta + "
@@ -105,8 +105,7 @@ def _add_fit(subparsers: Any) -> None:
         type=arguments.count(1, "--pool-size"),
         help="experts in the pool (default: the distinct names in the records' subsets)",
     )
-    p.add_argument("-o", "--output", help="write the fit JSON here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(p, "the fit JSON")
     p.set_defaults(handler=run_fit)
 
 
@@ -209,8 +208,7 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument(
         "--group", type=arguments.group, help="only fits of this group, e.g. method=ties"
     )
-    p.add_argument("-o", "--output", help="write the JSON here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(p)
     p.set_defaults(handler=run_predict)
 
 
@@ -289,8 +287,7 @@ def _add_plan(subparsers: Any) -> None:
     p.add_argument("--level", type=arguments.level, help="interval coverage (default: the fit's)")
     p.add_argument("--seed", type=int, default=0, help="seed of Monte Carlo draws")
     p.add_argument("--group", type=arguments.group, help="only fits of this group")
-    p.add_argument("-o", "--output", help="write the JSON here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(p)
     p.set_defaults(handler=run_plan)
 
 

@@ -10,6 +10,12 @@ from typing import Any
 from ..files import json_text, write_atomic
 
 
+def add_json_options(parser: argparse.ArgumentParser, written: str = "the JSON") -> None:
+    """``-o`` (write ``written`` there, atomically) and ``--json`` (print it instead of a table)."""
+    parser.add_argument("-o", "--output", help=f"write {written} here")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def emit(args: argparse.Namespace, payload: Mapping[str, Any], table: str) -> None:
     text = json_text(payload)
     if getattr(args, "output", None):

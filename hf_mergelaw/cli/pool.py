@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import arguments
-from .output import emit, fmt, group_label
+from .output import add_json_options, emit, fmt, group_label
 
 if TYPE_CHECKING:
     from ..pool_model import PoolModel, PoolReport, Selection
@@ -58,8 +58,7 @@ def _add_group(p: argparse.ArgumentParser) -> None:
 def _add_outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=arguments.level, help="interval coverage (default: the fit's)")
     _add_group(p)
-    p.add_argument("-o", "--output", help="write the JSON here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(p)
 
 
 def _pools(args: argparse.Namespace) -> list[PoolModel]:
@@ -104,8 +103,7 @@ def _add_fit(commands: Any) -> None:
     p.add_argument(
         "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
     )
-    p.add_argument("-o", "--output", help="write the pool file (JSON) here")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_options(p, "the pool file (JSON)")
     p.set_defaults(handler=run_fit)
 
 
