@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from .design import split
 from .model import PoolModel
 
 DEFAULT_DRAWS = 2000
+_LAW_B_MAX = 20.0  # the pool model's per-size law searches b in [0, 20] as well
 
 
 def inclusion(m: int, k: int, r: int) -> float:
@@ -109,12 +111,15 @@ def pool_curve(
     points = []
     for k in ks:
         n_subsets = math.comb(model.m, k)
-        noise = float(model.hyper.noise_var(k))
+        # Without intervals (an uncalibrated geometry model) the spread is the model's own.
+        noise = float(model.hyper.noise_var(k)) if model.has_intervals else 0.0
         mean, var = model.linear(mean_row(model, k))
         half = t * math.sqrt(float(var[0]) + noise / n_subsets)
         _, spread_var = subset_moments(beta, gamma, k)
         spread = np.sqrt(spread_var + noise * (n_subsets - 1) / n_subsets)
         lo, mid, hi = np.quantile(spread, [0.5 - level / 2, 0.5, 0.5 + level / 2])
+        if not model.has_intervals:
+            half = lo = hi = math.nan
         points.append(
             CurvePoint(
                 k=k,
@@ -129,3 +134,23 @@ def pool_curve(
             )
         )
     return points
+
+
+def pool_law(model: PoolModel) -> dict[str, float]:
+    """``L_inf + A/(k + b)`` fitted by least squares to the pool's E[L | k] at every size the
+    curve covers: the law's floor and tail as this pool model sees them. (For the second-order
+    expansion alone the curve is that law exactly, with b = 0; see :mod:`.geometry`.)"""
+    ks = np.array([k for k in range(1, model.m + 1) if model.curve.covers(k)], dtype=float)
+    means = np.array([float(model.linear(mean_row(model, int(k)))[0][0]) for k in ks])
+    if ks.size < 2:
+        return {"L_inf": float("nan"), "A": float("nan"), "b": float("nan")}
+
+    def solve(b: float) -> tuple[float, np.ndarray]:
+        basis = np.column_stack([np.ones_like(ks), 1.0 / (ks + b)])
+        coef, *_ = np.linalg.lstsq(basis, means, rcond=None)
+        return float(np.sum((basis @ coef - means) ** 2)), coef
+
+    found = minimize_scalar(lambda b: solve(b)[0], bounds=(0.0, _LAW_B_MAX), method="bounded")
+    b = 0.0 if solve(0.0)[0] <= found.fun else float(found.x)
+    coef = solve(b)[1]
+    return {"L_inf": float(coef[0]), "A": float(coef[1]), "b": b}

@@ -73,7 +73,7 @@ def fit_pool(records: PoolRecords, *, curve: CurveKind = "free", level: float = 
         choice = (
             choose(stats, Curve.free(stats.ks.tolist())) if curve == "free" else choose_law(stats)
         )
-        return _posterior(records, choice, level)
+        return posterior(records, choice, level)
 
 
 def required_records(n_sizes: int, n_experts: int, curve: CurveKind = "free") -> int:
@@ -120,7 +120,8 @@ def check_identifiable(records: PoolRecords, curve: CurveKind = "free") -> None:
         )
 
 
-def _posterior(records: PoolRecords, choice: Choice, level: float) -> PoolModel:
+def posterior(records: PoolRecords, choice: Choice, level: float) -> PoolModel:
+    """The posterior at the chosen prior scales, with every record's leave-one-out prediction."""
     eq, solution, hyper, curve = choice.equations, choice.solution, choice.hyper, choice.curve
     lower = solution.factor[0]
     a_inv = solve_triangular(lower, np.eye(lower.shape[0]), lower=True)

@@ -16,8 +16,9 @@ subsets already merged (their records hold what they measured; ``select`` ranks 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,9 @@ class PoolModel:
 
     ``theta`` is the posterior mean of ``[curve, beta, gamma pairs]``, ``covariance`` its
     posterior covariance, ``dof`` the residual degrees of freedom of the t intervals.
+    ``source`` says where the model comes from: ``{"kind": "sweep"}`` (fitted to merges) or
+    ``{"kind": "geometry", ...}`` (the second-order expansion, see :mod:`.geometry`), with what
+    it ignores and its ``warnings``.
     """
 
     group: dict[str, Any]
@@ -80,6 +84,7 @@ class PoolModel:
     level: float
     log_evidence: float
     records: FittedRecords
+    source: Mapping[str, Any] = field(default_factory=lambda: {"kind": "sweep"})
 
     @property
     def m(self) -> int:
@@ -91,6 +96,15 @@ class PoolModel:
 
     def label(self) -> str:
         return "group " + (", ".join(f"{k}={v}" for k, v in self.group.items()) or "all")
+
+    @property
+    def has_intervals(self) -> bool:
+        """False for a geometry model no merge calibrated: its misfit is unknown."""
+        return not math.isnan(self.hyper.sigma)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.source.get("warnings", []))
 
     # --- the parameters -------------------------------------------------------------------
 
@@ -194,6 +208,8 @@ class PoolModel:
         rng = np.random.default_rng(seed)
         factor = _factor(self.covariance)
         z = rng.standard_normal((n, self.theta.size))
+        if math.isinf(self.dof):
+            return self.theta + z @ factor.T
         scale = np.sqrt(self.dof / rng.chisquare(self.dof, size=(n, 1)))
         return self.theta + (z @ factor.T) * scale
 
@@ -219,6 +235,7 @@ class PoolModel:
             "level": self.level,
             "dof": self.dof,
             "log_evidence": self.log_evidence,
+            "source": dict(self.source),
             "posterior": {
                 "mean": self.theta.tolist(),
                 # Lower triangle row by row: half the numbers of the full matrix.
@@ -266,15 +283,17 @@ class PoolModel:
             group=dict(data["group"]),
             experts=experts,
             curve=Curve.from_dict(data["curve"]),
-            hyper=Hyper(**{k: float(v) for k, v in data["hyper"].items()}),
+            hyper=Hyper(**{k: float_from_json(v) for k, v in data["hyper"].items()}),
             theta=np.array(data["posterior"]["mean"], dtype=float),
             covariance=covariance,
-            dof=float(data["dof"]),
+            # JSON has no infinity: null is the unbounded dof of a model without records.
+            dof=math.inf if data["dof"] is None else float(data["dof"]),
             level=float(data["level"]),
-            log_evidence=float(data["log_evidence"]),
+            log_evidence=float_from_json(data["log_evidence"]),
             records=FittedRecords(
                 members, col("ce"), col("fitted"), col("loo_mean"), col("loo_sd")
             ),
+            source=dict(data.get("source", {"kind": "sweep"})),
         )
 
 

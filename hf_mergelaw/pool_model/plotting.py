@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomic
-from .accuracy import coverage, within_k_r2
+from .accuracy import coverage, shape_r2, within_k_r2
 from .model import PoolModel
 
 # Pools up to this size get each gamma written in its cell.
@@ -119,10 +119,12 @@ def draw_predicted(
         ax.set_xlabel(f"predicted {what}\n({how}, {model.level:.0%} interval)")
         ax.set_ylabel(f"measured {what}")
     figure.colorbar(points, ax=ax, label="k")
-    figure.suptitle(
-        f"{_title(model)}: R^2 within k {r2:.3f}, {model.level:.0%} intervals cover {covered:.0%}",
-        fontsize=10,
+    scored = (
+        f"{model.level:.0%} intervals cover {covered:.0%}"
+        if model.has_intervals
+        else f"shape R^2 {shape_r2(ce, mean, k):.3f} (no interval before calibration)"
     )
+    figure.suptitle(f"{_title(model)}: R^2 within k {r2:.3f}, {scored}", fontsize=10)
 
 
 def _points(

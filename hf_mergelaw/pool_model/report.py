@@ -2,8 +2,9 @@
 
 The file is ``{"format_version": 1, "kind": "pool-model", "by": [...], "pools": [...]}``; each
 pool holds what :meth:`PoolModel.to_dict` writes plus, for reading, ``leave_one_out`` (R^2 of the
-within-k deviations and interval coverage of each record predicted from the others) and
-``pool_curve`` (:func:`~.expectation.pool_curve`)::
+within-k deviations and interval coverage of each record predicted from the others),
+``pool_curve`` (:func:`~.expectation.pool_curve`) and ``law``, the floor and tail of that curve
+(:func:`~.expectation.pool_law`)::
 
     report.save("pool.json")
     PoolReport.load("pool.json").pools[0].predict([("a", "b")])
@@ -21,7 +22,7 @@ import numpy as np
 from ..files import read_json, write_json
 from .accuracy import coverage, within_k_r2
 from .errors import PoolModelError
-from .expectation import pool_curve
+from .expectation import pool_curve, pool_law
 from .model import FORMAT_VERSION, PoolModel
 
 KIND = "pool-model"
@@ -44,6 +45,7 @@ class PoolReport:
                     **model.to_dict(),
                     "leave_one_out": leave_one_out(model),
                     "pool_curve": [point.to_dict() for point in pool_curve(model)],
+                    "law": pool_law(model),
                 }
                 for model in self.pools
             ],
@@ -90,6 +92,9 @@ def leave_one_out(model: PoolModel) -> dict[str, float]:
     records, t = model.records, model.t_value()
     # Records that alone pin a parameter (the one merge of a size) have no such prediction.
     ok = np.isfinite(records.loo_mean)
+    if not ok.any():  # a geometry model no merge calibrated
+        nan = float("nan")
+        return {"records": 0, "r2_within_k": nan, "coverage": nan, "level": model.level}
     ce, mean, sd = records.ce[ok], records.loo_mean[ok], records.loo_sd[ok]
     return {
         "records": int(ok.sum()),

@@ -10,7 +10,8 @@ its size (or, for ``scope="overall"``, of every size considered), the merged sub
 measured CE: the uncertainty of the model's parameters. The misfit a merge of an unmerged subset
 will show is in its interval, not in ``p_best``. Beyond exact enumeration each draw's best is
 searched from the reported subsets and the draw's greedy subset, so there ``p_best`` is an upper
-bound (a draw's better subset elsewhere may be missed)::
+bound (a draw's better subset elsewhere may be missed). A geometry model no merge calibrated has
+no posterior spread to draw from: its ``p_best``, like its intervals, is NaN (unknown)::
 
     for s in select(model, top=3):            # every size the curve covers, and overall
         s.k, s.rank, s.subset, s.mean, s.lo, s.hi, s.p_best, s.merged
@@ -125,13 +126,20 @@ def select(
         )
         totals.append(total)
         bests.append(best)
-        p_best = [float(np.mean((best == row).all(-1))) for row in ranking.members]
+        p_best = _share_best(model, best, ranking.members)
         rows = _rows(model, "size", ranking, known, p_best, level)
         leaders.append(rows)
         out += rows
     if k is None and len(sizes) > 1:
         out += _overall(model, leaders, np.array(totals), np.array(bests), top)
     return out
+
+
+def _share_best(model: PoolModel, bests: np.ndarray, members: np.ndarray) -> list[float]:
+    """Each row's share of the draws' bests (NaN where the model has no uncertainty to draw)."""
+    if not model.has_intervals:
+        return [float("nan")] * len(members)
+    return [float(np.mean((bests == row).all(-1))) for row in members]
 
 
 def _sizes(model: PoolModel, k: int | Sequence[int] | None) -> list[int]:
@@ -289,7 +297,7 @@ def _overall(
     winner_size = totals.argmin(axis=0)
     winners = bests[winner_size, np.arange(totals.shape[1])]
     members = model.members_of([s.subset for s in candidates])
-    p_best = [float(np.mean((winners == row).all(-1))) for row in members]
+    p_best = _share_best(model, winners, members)
     return [
         Selection(**{**s.__dict__, "scope": "overall", "rank": rank, "p_best": p})
         for rank, (s, p) in enumerate(zip(candidates, p_best, strict=True), 1)
