@@ -152,6 +152,13 @@ class ExpertPool:
                     f"(expert i is the i-th of that list): {error}"
                 ) from error
 
+    def merged_vector(self, method: MethodSpec, expert: str, tensor_name: str) -> torch.Tensor:
+        """What ``method`` adds to tensor ``tensor_name`` for ``expert`` in a merge of k experts,
+        times k: lambda times its prepared (trimmed or dropped, rescaled) task vector. Exact for
+        the linear methods; for TIES and DARE-TIES the sign election of a subset keeps less."""
+        vector, scale = self._prepared_vector(method, self.experts[expert], tensor_name)
+        return vector * (scale * method.params.get("lambda", 1.0))
+
     @torch.no_grad()
     def restore_base(self) -> None:
         for name, parameter in self.parameters.items():

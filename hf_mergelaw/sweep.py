@@ -105,18 +105,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = Fal
     """
     with RecordStore(config.output).exclusive():
         pass
-    columns = load_eval_columns(config.eval)
-    tokenizer = _load_tokenizer(config.eval.tokenizer or config.base_model)
-    base_config = read_json(Path(config.base_model) / "config.json", "base model config")
-    max_length = fit_max_length(config.eval.max_length, base_config)
-    eval_set = build_eval_set(tokenizer, max_length=max_length, **columns)
-    pool = ExpertPool(
-        config.base_model,
-        config.experts,
-        device=_rank_device(config.device),
-        dtype=config.dtype,
-        storage=config.storage,
-    )
+    eval_set = load_eval_set(config)
+    pool = load_pool(config)
     return sweep_pool(
         pool,
         eval_set,
@@ -128,6 +118,26 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = Fal
         N=config.N,
         progress=progress,
         restart=restart,
+    )
+
+
+def load_eval_set(config: SweepConfig) -> EvalSet:
+    """The YAML's eval data, tokenised for the base (truncated to its context)."""
+    columns = load_eval_columns(config.eval)
+    tokenizer = _load_tokenizer(config.eval.tokenizer or config.base_model)
+    base_config = read_json(Path(config.base_model) / "config.json", "base model config")
+    max_length = fit_max_length(config.eval.max_length, base_config)
+    return build_eval_set(tokenizer, max_length=max_length, **columns)
+
+
+def load_pool(config: SweepConfig) -> ExpertPool:
+    """The YAML's base and experts, on this rank's device."""
+    return ExpertPool(
+        config.base_model,
+        config.experts,
+        device=_rank_device(config.device),
+        dtype=config.dtype,
+        storage=config.storage,
     )
 
 

@@ -5,6 +5,7 @@
     hf-mergelaw pool predict pool.json --all --json          # every subset, pools up to 12
     hf-mergelaw pool select pool.json --k 3 --top 5 --json    # without --k: every size, overall
     hf-mergelaw pool plot pool.json -o figures
+    hf-mergelaw pool geometry sweep.yml --calibrate 0 -o pool.json    # from curvature, no merge
 
 JSON goes to stdout with ``--json`` (a table otherwise) and to ``-o`` atomically; ``pool plot``
 writes three PNGs per group into its folder. Handlers import the model only when they run.
@@ -47,6 +48,7 @@ def register(subparsers: Any) -> None:
     _add_predict(commands)
     _add_select(commands)
     _add_plot(commands)
+    _add_geometry(commands)
 
 
 def _add_group(p: argparse.ArgumentParser) -> None:
@@ -293,18 +295,30 @@ def run_select(args: argparse.Namespace) -> int:
     from ..pool_model import greedy_order, select
 
     selections: list[Selection] = []
-    greedy = []
+    greedy, caveats = [], []
     for model in _pools(args):
         selections += select(
             model, args.k, top=args.top, draws=args.draws, seed=args.seed, level=args.level
         )
         greedy.append(greedy_order(model, args.level).to_dict())
+        caveats += _caveats(model)
     payload = {
         "selections": [s.to_dict() for s in selections],
         "greedy": greedy,
+        "warnings": caveats,
     }
-    emit(args, payload, _select_table(selections, greedy))
+    table = _select_table(selections, greedy)
+    emit(args, payload, "\n".join([table, *(f"warning: {c}" for c in caveats)]))
     return 0
+
+
+def _caveats(model: PoolModel) -> list[str]:
+    """What an answer of a geometry model rests on: its note unless calibrated, its warnings."""
+    source = model.source
+    if source.get("kind") != "geometry":
+        return []
+    uncalibrated = [] if model.has_intervals else [f"{model.label()}: {source['note']}"]
+    return uncalibrated + model.warnings
 
 
 def _select_table(selections: Sequence[Selection], greedy: list[dict[str, Any]]) -> str:
@@ -358,3 +372,115 @@ def run_plot(args: argparse.Namespace) -> int:
         for path in plot_pool(model, args.output):
             print(f"wrote {path}")
     return 0
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+GEOMETRY_EPILOG = """\
+Around the base, a merge's loss is to second order L0 + (1/k) sum g_i + (1/(2k^2)) sum Q_ij
+with g_i = grad L . u_i and Q_ij = u_i' H u_j for the vectors u_i each expert adds (its task
+vector as the method merges it). One gradient and M curvature-vector products on the YAML's
+eval data give them per domain, so every subset's CE, the best subsets and the pool curve come
+with no merge. That prediction ignores everything beyond second order (and, for TIES and
+DARE-TIES, the sign election), so alone it has no interval. --calibrate N merges N subsets per
+method (every expert alone first, then the full pool, pairs and half-pool merges), records them
+in the sweep's output like a sweep's own (a later sweep skips them), and fits the part the
+expansion misses: a level L_inf + A/(k+b) and shrunk corrections of every expert and pair. The
+pool file is the one `pool fit` writes: `pool predict`, `select` and `plot` read it.
+"""
+
+
+def _add_geometry(commands: Any) -> None:
+    p = commands.add_parser(
+        "geometry",
+        help="the pool model from the loss's curvature at the base: no merge, or a few",
+        description="Predict every subset's CE of a sweep YAML's pool from the gradient and "
+        "curvature of the eval loss at the base, optionally calibrated on a few merges.",
+        epilog=GEOMETRY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", metavar="SWEEP.yml")
+    p.add_argument(
+        "--calibrate",
+        type=arguments.count(0, "--calibrate"),
+        default=None,
+        help="subsets merged per method to calibrate on: 0 (the geometry alone) or at least "
+        "M + 2 (default 2M: every expert alone, the full pool, then pairs and half-pool merges)",
+    )
+    p.add_argument(
+        "--curvature",
+        choices=("hessian", "ggn"),
+        default="hessian",
+        help="exact Hessian-vector products (default) or the Gauss-Newton matrix (positive "
+        "semi-definite, about half the time; ignores the curvature of the network itself)",
+    )
+    p.add_argument(
+        "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_options(p, "the pool file (JSON)")
+    p.set_defaults(handler=run_geometry)
+
+
+def run_geometry(args: argparse.Namespace) -> int:
+    from ..geometry import pool_geometry
+    from ..sweep_config import load_sweep_config
+
+    config = load_sweep_config(args.config)
+    calibration = 2 * len(config.experts) if args.calibrate is None else args.calibrate
+    run = pool_geometry(
+        config,
+        curvature=args.curvature,
+        calibration=calibration,
+        level=args.level,
+        progress=not args.no_progress,
+    )
+    payload = {
+        **run.report.to_dict(),
+        "cost": {
+            "geometry_s": run.geometry_s,
+            "calibration_merges": run.calibration_merges,
+            "merge_eval_s": run.merge_eval_s,
+        },
+    }
+    emit(args, payload, _geometry_table(run.report, payload))
+    for model in run.report.pools:
+        for warning in model.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _geometry_table(report: PoolReport, payload: dict[str, Any]) -> str:
+    lines = []
+    for model, data in zip(report.pools, payload["pools"], strict=True):
+        source, law = model.source, data["law"]
+        lines.append(f"== {group_label(model.group)}: {model.m} experts, {source['curvature']}")
+        lines.append(f"   {source['note']}")
+        calibration = source.get("calibration")
+        if calibration:
+            shifts = ", ".join(f"k={k}: {v:+.4f}" for k, v in calibration["shift"].items())
+            lines.append(
+                f"   calibration: {calibration['merges']} merges; measured minus predicted "
+                f"{shifts}; each merge left out: rmse {fmt(calibration['loo_rmse'])}, "
+                f"{model.level:.0%} intervals cover {fmt(calibration['loo_coverage'], 3)}"
+            )
+        lines.append(
+            f"   law of the pool curve: L_inf {fmt(law['L_inf'], _DIGITS)}, A "
+            f"{fmt(law['A'])}, b {fmt(law['b'], 3)}"
+        )
+        lines.append(f"   {'k':>3} {'E[L|k]':>9} {'lo':>9} {'hi':>9} {'spread':>9}")
+        for point in data["pool_curve"]:
+            lines.append(
+                f"   {point['k']:>3} {fmt(point['mean'], _DIGITS):>9} "
+                f"{fmt(point['lo'], _DIGITS):>9} {fmt(point['hi'], _DIGITS):>9} "
+                f"{fmt(point['spread']):>9}"
+            )
+    cost = payload["cost"]
+    spent = f"geometry {cost['geometry_s']:.1f} s"
+    if cost["calibration_merges"]:
+        spent += (
+            f"; {cost['calibration_merges']} calibration merges per method at "
+            f"{cost['merge_eval_s']:.2f} s per merge-and-evaluate"
+        )
+    lines.append(spent)
+    return "\n".join(lines)

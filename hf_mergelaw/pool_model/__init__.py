@@ -25,16 +25,19 @@ Modules: ``records`` (sweep records to pools), ``design`` (the linear model), ``
 (prior scales by marginal likelihood), ``fit``, ``model`` (posterior, prediction, JSON),
 ``expectation`` (exact mean and spread over every subset), ``search`` (best subsets: enumeration
 and swap search), ``selection`` (p_best, greedy order), ``acquisition`` (what to merge next),
-``accuracy``, ``report`` (the pool file), ``plotting``, ``synthetic`` (pools with known effects).
+``accuracy``, ``report`` (the pool file), ``plotting``, ``synthetic`` (pools with known effects),
+``geometry`` (the model from the loss's gradient and curvature at the base, with no merge, and
+its calibration on a few merges).
 """
 
-from .accuracy import coverage, within_k_r2
+from .accuracy import coverage, shape_r2, spearman_within_k, within_k_r2
 from .acquisition import Pick, answer_targets, candidate_subsets, next_subsets
 from .design import Curve
 from .errors import PoolModelError
 from .evidence import Hyper
-from .expectation import CurvePoint, pool_curve, subset_moments
+from .expectation import CurvePoint, pool_curve, pool_law, subset_moments
 from .fit import check_identifiable, fit_pool, fit_pools, required_records
+from .geometry import PoolGeometry, calibrate, calibration_subsets, geometry_model
 from .model import PoolModel, SubsetPrediction
 from .records import PoolRecords, pool_records
 from .report import PoolReport
@@ -48,6 +51,7 @@ __all__ = [
     "GreedyOrder",
     "Hyper",
     "Pick",
+    "PoolGeometry",
     "PoolModel",
     "PoolModelError",
     "PoolRecords",
@@ -57,17 +61,23 @@ __all__ = [
     "SyntheticPool",
     "answer_targets",
     "best_subsets",
+    "calibrate",
+    "calibration_subsets",
     "candidate_subsets",
     "check_identifiable",
     "coverage",
     "fit_pool",
     "fit_pools",
+    "geometry_model",
     "greedy_order",
     "next_subsets",
     "pool_curve",
+    "pool_law",
     "pool_records",
     "required_records",
     "select",
+    "shape_r2",
+    "spearman_within_k",
     "subset_moments",
     "synthetic_pool",
     "within_k_r2",

@@ -1,0 +1,143 @@
+"""`hf-mergelaw pool geometry` end to end on a tiny Llama pool: every subset predicted with no
+merge, calibrated on a few merges recorded like a sweep's, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hf_mergelaw.cli import main
+from hf_mergelaw.files import read_jsonl
+from hf_mergelaw.pool_model import PoolReport
+from tests.tiny_models import SENTENCES, save_family, write_jsonl
+
+M = 4
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return save_family(tmp_path_factory.mktemp("family"), num_experts=M, noise=0.005)
+
+
+def sweep_yaml(root: Path, family, **overrides: object) -> Path:
+    base, experts = family
+    root.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(
+        root / "eval.jsonl",
+        [{"text": text, "domain": "ab"[i % 2]} for i, text in enumerate(SENTENCES)],
+    )
+    config = {
+        "base_model": str(base),
+        "experts": {name: str(path) for name, path in experts.items()},
+        "eval": {"data": str(data), "text_field": "text", "domain_field": "domain",
+                 "max_length": 32, "batch_size": 4},
+        "methods": [{"name": "average"}, {"name": "dare_linear", "density": 0.5}],
+        "k": "1-4",
+        "output": str(root / "results.jsonl"),
+        "dtype": "float32",
+        **overrides,
+    }  # fmt: skip
+    path = root / "sweep.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_zero_merges_predict_every_subset_of_every_method_and_domain(
+    tmp_path, family, capsys
+) -> None:
+    config = sweep_yaml(tmp_path, family)
+    out = tmp_path / "pool.json"
+    payload = run_json(
+        capsys,
+        ["pool", "geometry", str(config), "--no-progress", "--calibrate", "0", "-o", str(out)],
+    )
+    groups = [(p["group"]["method"], p["group"]["domain"]) for p in payload["pools"]]
+    assert groups == [(m, d) for m in ("average", "dare_linear") for d in ("a", "b", "macro")]
+    assert payload["cost"]["calibration_merges"] == 0
+    assert not (tmp_path / "results.jsonl").exists()  # nothing merged, nothing recorded
+    report = PoolReport.load(out)
+    macro = report.select({"method": "average", "domain": "macro"})[0]
+    assert macro.source["kind"] == "geometry" and not macro.has_intervals
+    predicted = run_json(capsys, ["pool", "predict", str(out), "--all"])["predictions"]
+    assert len(predicted) == 6 * (2**M - 1)
+    assert all(np.isfinite(row["mean"]) and row["lo"] is None for row in predicted)
+    chosen = run_json(capsys, ["pool", "select", str(out), "--k", "2"])["selections"]
+    assert {s["k"] for s in chosen} == {2} and all(s["p_best"] is None for s in chosen)
+    caveats = run_json(capsys, ["pool", "select", str(out), "--k", "2"])["warnings"]
+    assert len(caveats) == 6 and all("second-order prediction" in c for c in caveats)
+
+
+def test_calibration_merges_are_recorded_like_a_sweeps_and_give_intervals(
+    tmp_path, family, capsys
+) -> None:
+    config = sweep_yaml(tmp_path, family)
+    out = tmp_path / "pool.json"
+    payload = run_json(
+        capsys,
+        ["pool", "geometry", str(config), "--no-progress", "--calibrate", "6", "-o", str(out)],
+    )
+    records = [r for _, r in read_jsonl(tmp_path / "results.jsonl")]
+    assert len(records) == 2 * 6
+    assert [r["k"] for r in records if r["method"] == "average"] == [1, 1, 1, 1, 4, 2]
+    model = PoolReport.load(out).select({"method": "average", "domain": "macro"})[0]
+    assert model.has_intervals and model.source["calibration"]["merges"] == 6
+    # Each merge is predicted inside the tiny pool's second-order regime: the calibrated
+    # prediction of the measured merges lies within a hundredth of a nat.
+    measured = {tuple(r["subset"]): r["ce"] for r in records if r["method"] == "average"}
+    prediction = model.predict(list(measured))
+    assert np.max(np.abs(prediction.mean - list(measured.values()))) < 0.01
+    assert payload["cost"]["merge_eval_s"] > 0
+    # A second run merges nothing new: the sweep's records file already holds them.
+    run_json(capsys, ["pool", "geometry", str(config), "--no-progress", "--calibrate", "6"])
+    assert len(list(read_jsonl(tmp_path / "results.jsonl"))) == 2 * 6
+
+
+def test_the_geometry_alone_is_close_to_measured_merges_of_a_gentle_pool(
+    tmp_path, family, capsys
+) -> None:
+    config = sweep_yaml(tmp_path, family, methods=[{"name": "average"}])
+    run_json(
+        capsys,
+        [
+            "pool",
+            "geometry",
+            str(config),
+            "--no-progress",
+            "--calibrate",
+            "6",
+            "-o",
+            str(tmp_path / "p"),
+        ],
+    )
+    records = [r for _, r in read_jsonl(tmp_path / "results.jsonl")]
+    prior_rmse = PoolReport.load(tmp_path / "p").pools[-1].source["calibration"]["prior_rmse"]
+    spread = np.std([r["ce"] for r in records if r["k"] == 1])
+    assert prior_rmse < 0.2 * spread + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "argv", "message"),
+    [
+        ({"methods": [{"name": "model_stock"}]}, [], "cannot express"),
+        ({}, ["--calibrate", "3"], "at least 6 subsets"),
+    ],
+)
+def test_refusals_name_the_fix_and_write_nothing(
+    tmp_path, family, capsys, overrides, argv, message
+) -> None:
+    config = sweep_yaml(tmp_path, family, **overrides)
+    out = tmp_path / "pool.json"
+    capsys.readouterr()
+    assert main(["pool", "geometry", str(config), "--no-progress", *argv, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "results.jsonl").exists()
