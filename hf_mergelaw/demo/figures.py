@@ -4,6 +4,8 @@
   subset means, the fitted ``L_inf + A/(k+b)`` and its bands, and residuals; one panel per method.
 - ``law_in_domain_<method>.png``: the same per domain, each on its own held-out text.
 - ``spread.png``: the sd across subsets against k, with the finite-pool reference.
+- ``geometry_predicted.png``: each method's pool model from curvature at the base (no merge)
+  against every merge the demo measured.
 - ``pool_held_out.png``: the pool model's predictions of the held-out merges against what they
   measured, one row per method; ``pool/<method>-macro-{synergy,effects,predicted}.png``: each
   method's interactions, expert effects and leave-one-out predictions
@@ -28,6 +30,7 @@ from hf_mergelaw.law.plotting import plot_sweep
 from hf_mergelaw.pool_model.plotting import draw_predicted, plot_pool
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 
+from .geometry_check import GeometryCheck
 from .pool_check import PoolCheck
 from .science import ScienceCheck, finite_pool_sd
 
@@ -85,6 +88,23 @@ def draw_pool_figures(check: PoolCheck, output_dir: Path) -> dict[str, Path]:
         for path in plot_pool(method.model, output_dir / "pool"):
             paths[f"pool/{path.stem}"] = path
     return paths
+
+
+def draw_geometry_figure(check: GeometryCheck, output_dir: Path) -> dict[str, Path]:
+    """``geometry_predicted``: each method's zero-merge prediction against every merge the demo
+    measured (one row per method)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = output_dir / "geometry_predicted.png"
+    fig = Figure(figsize=(12.5, 5.2 * len(check.methods)), layout="constrained")
+    FigureCanvasAgg(fig)
+    rows = np.atleast_1d(fig.subfigures(len(check.methods), 1))
+    for row, method in zip(rows, check.methods, strict=True):
+        measured = method.measured
+        draw_predicted(row, method.prior, held_out=(measured.members, measured.ce))
+    _save(fig, path)
+    return {"geometry_predicted": path}
 
 
 def _retitle(fig: Any, title: str) -> None:

@@ -15,6 +15,7 @@ from hf_mergelaw.pool_model import Selection
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 
 from .corpus import DOMAINS
+from .geometry_check import GeometryCheck
 from .pool_check import MethodPool, PoolCheck
 from .science import R2_THRESHOLD, ScienceCheck
 from .settings import QUICK, TARGET_ABOVE_FLOOR, DemoSettings
@@ -33,6 +34,7 @@ class ReportInputs:
     default_target: bool  # the plans' target is the default, 1% above each floor
     check: ScienceCheck
     answers: PoolCheck  # the pool model: held-out check and best subsets
+    geometry: GeometryCheck  # the pool model from curvature, before any merge
     n_records: int
     figures: Mapping[str, str]  # name -> file name
     timings: Mapping[str, float]
@@ -214,6 +216,40 @@ def pool_section(inputs: ReportInputs) -> list[str]:
     return out
 
 
+def geometry_section(inputs: ReportInputs) -> list[str]:
+    """The report's section on predicting before merging: the geometry model's scores."""
+    check = inputs.geometry
+    m = check.methods[0].prior.m
+    sweep_s = inputs.n_records * check.merge_eval_s
+    out = [
+        "## Before merging: the pool model from curvature",
+        "",
+        f"One gradient and {m} Hessian-vector products per method on the eval set at the base "
+        f"({check.geometry_s:.1f} s for {len(check.methods)} methods; one merge-and-evaluate "
+        f"step of the sweep takes {check.merge_eval_s:.2f} s, so the sweep's "
+        f"{inputs.n_records} merges about {sweep_s:.0f} s) give every subset's CE to second "
+        "order with no merge (`hf-mergelaw pool geometry`, `geometry.json`). Scored on every "
+        "merge the demo measured; 'calibrated': the same model corrected by "
+        f"{2 * m} of the sweep's merges (every expert alone, the full pool, pairs and "
+        "half-pool merges).",
+        "",
+        "| method | merges scored | shape R² within k | Spearman within k | level RMSE | floor "
+        "(law fitted on the sweep) | calibrated: R² within k | calibrated RMSE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in check.methods:
+        s = method.scores()
+        out.append(
+            f"| {method.method} | {s['merges']} | {s['shape_r2']:.3f} | {s['spearman']:.3f} | "
+            f"{s['level_rmse']:.4f} | {s['floor']:.4f} ({s['fitted_floor']:.4f}) | "
+            f"{s['calibrated_r2_within_k']:.3f} | {s['calibrated_rmse']:.4f} |"
+        )
+    figure = inputs.figures.get("geometry_predicted")
+    if figure:
+        out += ["", f"![zero-merge prediction against the measured merges]({figure})"]
+    return out
+
+
 def console_summary(inputs: ReportInputs) -> str:
     """What the demo prints when done: the fit table, the plan and the science verdict."""
     lines = ["", "Fits of L(k) = L_inf + A/(k+b) (per-size law, weights k):"]
@@ -339,7 +375,7 @@ def render_report(inputs: ReportInputs) -> str:
         out += [f"Each target loss is {TARGET_ABOVE_FLOOR:.0%} above its method's floor.", ""]
     for method, p in inputs.plans.items():
         out += [f"- **{method}**", *(f"  - {line}" for line in p.describe())]
-    out += ["", *pool_section(inputs)]
+    out += ["", *pool_section(inputs), "", *geometry_section(inputs)]
     out += [
         "",
         "## The pool",
@@ -373,7 +409,8 @@ def render_report(inputs: ReportInputs) -> str:
         "`records.jsonl` (one line per merged model; a re-run resumes it), `held_out.jsonl` "
         "(the held-out merges), `fit.json` (`hf-mergelaw plan fit.json ...` reads it), "
         "`plan.json`, `science.json`, `pool.json` (`hf-mergelaw pool ...` reads it), "
-        "`pool_check.json`, the figures.",
+        "`pool_check.json`, `geometry.json` (the pool model from curvature) and "
+        "`geometry_check.json`, the figures.",
         "",
         "| step | seconds |",
         "|---|---|",

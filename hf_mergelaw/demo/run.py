@@ -8,10 +8,12 @@
 Everything lands in the output folder: ``records.jsonl`` (the balanced sweep, appended per merge,
 so an interrupted run resumes), ``held_out.jsonl`` (merges kept out of every fit, to check the
 pool model), ``fit.json``, ``plan.json``, ``science.json``, ``pool.json`` (the pool model of every
-method and domain: ``hf-mergelaw pool predict/select`` read it), ``pool_check.json``, the PNG
-figures (the pool model's in ``pool/``) and ``report.md``, each written atomically, the report
-last. ``run.json`` pins the settings the records were measured with; a folder holding another
-size's records is refused rather than mixed.
+method and domain: ``hf-mergelaw pool predict/select`` read it), ``pool_check.json``,
+``geometry.json`` (each method's pool model from the loss's curvature at the base, with no merge:
+the same reader) and ``geometry_check.json`` (it against the merges), the PNG figures (the pool
+model's in ``pool/``) and ``report.md``, each written atomically, the report last. ``run.json``
+pins the settings the records were measured with; a folder holding another size's records is
+refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from hf_mergelaw.cross_entropy import CrossEntropy, EvalSet, build_eval_set, cro
 from hf_mergelaw.errors import DemoError
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.files import read_json, write_atomic, write_json
+from hf_mergelaw.geometry import method_models
 from hf_mergelaw.law import FitReport, Plan, fit_sweep, plan
-from hf_mergelaw.pool_model import fit_pools
+from hf_mergelaw.pool_model import PoolReport, fit_pools
 from hf_mergelaw.record_schema import CROSS_DOMAIN, records_by_domain
 from hf_mergelaw.record_store import RecordStore
 from hf_mergelaw.sweep import Job, SweepSummary, sweep_jobs, sweep_pool
@@ -40,7 +43,8 @@ from hf_mergelaw.sweep_config import SamplingConfig
 from hf_mergelaw.sweep_methods import MethodSpec
 
 from .corpus import DOMAINS, Corpus, eval_chunks, load_corpus
-from .figures import draw_figures, draw_pool_figures
+from .figures import draw_figures, draw_geometry_figure, draw_pool_figures
+from .geometry_check import GeometryCheck, check_geometry
 from .pool import DemoPool, build_or_load_pool, default_cache_dir
 from .pool_check import PoolCheck, check_pools, held_out_subsets
 from .report import ReportInputs, console_summary, render_report
@@ -60,11 +64,13 @@ class DemoResult:
     science: Path
     pool_model: Path
     pool_check: Path
+    geometry: Path
     report: Path
     figures: dict[str, Path]
     pool: DemoPool
     check: ScienceCheck
     answers: PoolCheck
+    geometry_check: GeometryCheck
     plans: dict[str, Plan]
     records_written: int
     records_skipped: int
@@ -145,12 +151,18 @@ def run_demo(
     paths |= {"pool": output_dir / "pool.json", "pool_check": output_dir / "pool_check.json"}
     pool_report.save(paths["pool"])
     write_json(paths["pool_check"], answers.to_dict())
+    measured_merges = records + list(RecordStore(held_out_path))
+    geometry = check_geometry(measured.geometry, measured_merges, fits, measured.geometry_s)
+    paths |= {"geometry": output_dir / "geometry.json"}
+    measured.geometry.save(paths["geometry"])
+    write_json(output_dir / "geometry_check.json", geometry.to_dict())
     stages.update()
     timings["pool model"] = _lap(start, timings)
     figures = draw_figures(
         rows, fits, check, output_dir, num_parameters=pool_files.manifest["num_parameters"]
     )
     figures |= draw_pool_figures(answers, output_dir)
+    figures |= draw_geometry_figure(geometry, output_dir)
     stages.update()
     stages.close()
     timings["figures"] = _lap(start, timings)
@@ -169,6 +181,7 @@ def run_demo(
         default_target=target_loss is None,
         check=check,
         answers=answers,
+        geometry=geometry,
         n_records=summary.planned,
         figures={name: str(path.relative_to(output_dir)) for name, path in figures.items()},
         timings=timings,
@@ -186,11 +199,13 @@ def run_demo(
         science=paths["science"],
         pool_model=paths["pool"],
         pool_check=paths["pool_check"],
+        geometry=paths["geometry"],
         report=report_path,
         figures=figures,
         pool=pool_files,
         check=check,
         answers=answers,
+        geometry_check=geometry,
         plans=plans,
         records_written=summary.written,
         records_skipped=summary.skipped,
@@ -206,6 +221,8 @@ class Measured:
     sweep: SweepSummary
     held_out: SweepSummary
     base: CrossEntropy  # the base model alone
+    geometry: PoolReport  # each method's pool model from curvature at the base, no merge
+    geometry_s: float
 
 
 def measure(
@@ -218,7 +235,7 @@ def measure(
     progress: bool = True,
 ) -> Measured:
     """Sweep the pool into ``records_path``, merge the held-out subsets into ``held_out_path``
-    (each resuming what is there) and score the base alone."""
+    (each resuming what is there), score the base alone and take each method's geometry."""
     pool = ExpertPool(pool_files.base_dir, pool_files.experts, device="cpu", dtype=torch.float32)
     eval_set = demo_eval_set(pool_files.base_dir, corpus, settings)
     sweep, methods, names = settings.sweep, demo_methods(settings), pool.names
@@ -246,7 +263,14 @@ def measure(
         )
     # Sweeps leave the base weights in the model.
     base = cross_entropy(pool.model, eval_set, batch_size=sweep.eval_batch_size)
-    return Measured(summary, held_out, base)
+    start = time.perf_counter()
+    priors = [
+        model
+        for method in methods
+        for model in method_models(pool, eval_set, method, "hessian", sweep.eval_batch_size, 0.9)
+    ]
+    geometry_s = time.perf_counter() - start
+    return Measured(summary, held_out, base, PoolReport(priors, ("method", "domain")), geometry_s)
 
 
 def demo_corpus(settings: DemoSettings) -> Corpus:
