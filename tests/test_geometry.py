@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hf_mergelaw.cli import main
 from hf_mergelaw.files import read_jsonl
 from hf_mergelaw.pool_model import PoolReport
+from hf_mergelaw.testing import save_noisy_experts, tiny_llama_config, word_tokenizer
 from tests.tiny_models import SENTENCES, save_family, write_jsonl
 
 M = 4
@@ -125,16 +127,54 @@ def test_the_geometry_alone_is_close_to_measured_merges_of_a_gentle_pool(
     assert prior_rmse < 0.2 * spread + 1e-3
 
 
+def test_a_lora_expert_is_predicted_as_its_densified_update(tmp_path, family, capsys) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, experts = family
+    torch.manual_seed(3)
+    config = LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # fmt: skip
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(
+        tmp_path / "adapter"
+    )
+    pool = (base, {"lora": tmp_path / "adapter", **dict(list(experts.items())[:2])})
+    yml = sweep_yaml(tmp_path / "run", pool, methods=[{"name": "average"}], k="1-3")
+    out = tmp_path / "pool.json"
+    # The calibration merges measure the adapter alone; the zero-merge model predicts it.
+    run_json(capsys, ["pool", "geometry", str(yml), "--no-progress", "--calibrate", "5"])
+    run_json(capsys, ["pool", "geometry", str(yml), "--no-progress", "--calibrate", "0",
+                      "-o", str(out)])  # fmt: skip
+    records = read_jsonl(tmp_path / "run" / "results.jsonl")
+    measured = next(r["ce"] for _, r in records if r["subset"] == ["lora"])
+    model = PoolReport.load(out).select({"domain": "macro"})[0]
+    assert model.predict([("lora",)]).mean[0] == pytest.approx(measured, abs=1e-3)
+
+
+def test_experts_of_another_shape_are_refused_before_any_curvature(tmp_path, capsys) -> None:
+    base, _ = save_family(tmp_path / "a", num_experts=1)
+    _, others = save_noisy_experts(
+        tmp_path / "b", tiny_llama_config(hidden_size=16, num_attention_heads=2), 1,
+        tokenizer=word_tokenizer(SENTENCES),
+    )  # fmt: skip
+    yml = sweep_yaml(tmp_path / "run", (base, {"wide": others["expert0"]}), k=1)
+    capsys.readouterr()
+    assert main(["pool", "geometry", str(yml), "--calibrate", "0"]) == 2
+    assert "shape" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("overrides", "argv", "message"),
     [
         ({"methods": [{"name": "model_stock"}]}, [], "cannot express"),
         ({}, ["--calibrate", "3"], "at least 6 subsets"),
+        ({"eval": {"data": "empty.jsonl", "text_field": "text"}}, [], "is empty"),
     ],
 )
 def test_refusals_name_the_fix_and_write_nothing(
     tmp_path, family, capsys, overrides, argv, message
 ) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
     config = sweep_yaml(tmp_path, family, **overrides)
     out = tmp_path / "pool.json"
     capsys.readouterr()
