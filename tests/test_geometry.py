@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from hf_mergelaw.cli import main
 from hf_mergelaw.files import read_jsonl
 from hf_mergelaw.pool_model import PoolReport
 from hf_mergelaw.testing import save_noisy_experts, tiny_llama_config, word_tokenizer
-from tests.tiny_models import SENTENCES, save_family, write_jsonl
+from tests.tiny_models import SENTENCES, save_family
+from tests.tiny_models import sweep_yaml as write_sweep_yaml
 
 M = 4
 
@@ -26,26 +26,9 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 
 def sweep_yaml(root: Path, family, **overrides: object) -> Path:
-    base, experts = family
-    root.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(
-        root / "eval.jsonl",
-        [{"text": text, "domain": "ab"[i % 2]} for i, text in enumerate(SENTENCES)],
-    )
-    config = {
-        "base_model": str(base),
-        "experts": {name: str(path) for name, path in experts.items()},
-        "eval": {"data": str(data), "text_field": "text", "domain_field": "domain",
-                 "max_length": 32, "batch_size": 4},
-        "methods": [{"name": "average"}, {"name": "dare_linear", "density": 0.5}],
-        "k": "1-4",
-        "output": str(root / "results.jsonl"),
-        "dtype": "float32",
-        **overrides,
-    }  # fmt: skip
-    path = root / "sweep.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """The tests' sweep YAML with average and DARE-linear over k = 1-4."""
+    methods = [{"name": "average"}, {"name": "dare_linear", "density": 0.5}]
+    return write_sweep_yaml(root, family, **{"methods": methods, "k": "1-4", **overrides})
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
@@ -66,7 +49,7 @@ def test_zero_merges_predict_every_subset_of_every_method_and_domain(
     groups = [(p["group"]["method"], p["group"]["domain"]) for p in payload["pools"]]
     assert groups == [(m, d) for m in ("average", "dare_linear") for d in ("a", "b", "macro")]
     assert payload["cost"]["calibration_merges"] == 0
-    assert not (tmp_path / "results.jsonl").exists()  # nothing merged, nothing recorded
+    assert not (tmp_path / "out" / "results.jsonl").exists()  # nothing merged, nothing recorded
     report = PoolReport.load(out)
     macro = report.select({"method": "average", "domain": "macro"})[0]
     assert macro.source["kind"] == "geometry" and not macro.has_intervals
@@ -88,7 +71,7 @@ def test_calibration_merges_are_recorded_like_a_sweeps_and_give_intervals(
         capsys,
         ["pool", "geometry", str(config), "--no-progress", "--calibrate", "6", "-o", str(out)],
     )
-    records = [r for _, r in read_jsonl(tmp_path / "results.jsonl")]
+    records = [r for _, r in read_jsonl(tmp_path / "out" / "results.jsonl")]
     assert len(records) == 2 * 6
     assert [r["k"] for r in records if r["method"] == "average"] == [1, 1, 1, 1, 4, 2]
     model = PoolReport.load(out).select({"method": "average", "domain": "macro"})[0]
@@ -101,7 +84,7 @@ def test_calibration_merges_are_recorded_like_a_sweeps_and_give_intervals(
     assert payload["cost"]["merge_eval_s"] > 0
     # A second run merges nothing new: the sweep's records file already holds them.
     run_json(capsys, ["pool", "geometry", str(config), "--no-progress", "--calibrate", "6"])
-    assert len(list(read_jsonl(tmp_path / "results.jsonl"))) == 2 * 6
+    assert len(list(read_jsonl(tmp_path / "out" / "results.jsonl"))) == 2 * 6
 
 
 def test_the_geometry_alone_is_close_to_measured_merges_of_a_gentle_pool(
@@ -121,7 +104,7 @@ def test_the_geometry_alone_is_close_to_measured_merges_of_a_gentle_pool(
             str(tmp_path / "p"),
         ],
     )
-    records = [r for _, r in read_jsonl(tmp_path / "results.jsonl")]
+    records = [r for _, r in read_jsonl(tmp_path / "out" / "results.jsonl")]
     prior_rmse = PoolReport.load(tmp_path / "p").pools[-1].source["calibration"]["prior_rmse"]
     spread = np.std([r["ce"] for r in records if r["k"] == 1])
     assert prior_rmse < 0.2 * spread + 1e-3
@@ -145,7 +128,7 @@ def test_a_lora_expert_is_predicted_as_its_densified_update(tmp_path, family, ca
     run_json(capsys, ["pool", "geometry", str(yml), "--no-progress", "--calibrate", "5"])
     run_json(capsys, ["pool", "geometry", str(yml), "--no-progress", "--calibrate", "0",
                       "-o", str(out)])  # fmt: skip
-    records = read_jsonl(tmp_path / "run" / "results.jsonl")
+    records = read_jsonl(tmp_path / "run" / "out" / "results.jsonl")
     measured = next(r["ce"] for _, r in records if r["subset"] == ["lora"])
     model = PoolReport.load(out).select({"domain": "macro"})[0]
     assert model.predict([("lora",)]).mean[0] == pytest.approx(measured, abs=1e-3)
@@ -180,4 +163,4 @@ def test_refusals_name_the_fix_and_write_nothing(
     capsys.readouterr()
     assert main(["pool", "geometry", str(config), "--no-progress", *argv, "-o", str(out)]) == 2
     assert message in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "results.jsonl").exists()
+    assert not out.exists() and not (tmp_path / "out" / "results.jsonl").exists()

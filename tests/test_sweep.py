@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mergekit.merge_methods.api import merge_state_dicts
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -27,7 +26,7 @@ from hf_mergelaw.sweep import plan_jobs, run_sweep, sweep_pool
 from hf_mergelaw.sweep_config import SamplingConfig, load_sweep_config, parse_sweep_config
 from hf_mergelaw.sweep_methods import MethodSpec
 from hf_mergelaw.testing import save_model, tiny_llama_config
-from tests.tiny_models import SENTENCES, save_family, write_jsonl
+from tests.tiny_models import SENTENCES, save_family, sweep_yaml, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,32 +36,8 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
     return save_family(tmp_path_factory.mktemp("family"), num_experts=4)
 
 
-def _sweep_yaml(tmp_path: Path, family, **overrides: object) -> Path:
-    base, experts = family
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(
-        tmp_path / "eval.jsonl",
-        [{"text": text, "domain": "ab"[i % 2]} for i, text in enumerate(SENTENCES)],
-    )
-    config = {
-        "base_model": str(base),
-        "experts": {name: str(path) for name, path in experts.items()},
-        "eval": {"data": str(data), "text_field": "text", "domain_field": "domain",
-                 "max_length": 32, "batch_size": 4},
-        "methods": [{"name": "average"}, {"name": "ties", "density": 0.5}],
-        "k": "1-3",
-        "sampling": {"strategy": "all"},
-        "output": str(tmp_path / "out" / "results.jsonl"),
-        "dtype": "float32",
-        **overrides,
-    }  # fmt: skip
-    path = tmp_path / "sweep.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_sweep_writes_one_complete_record_per_merged_model(tmp_path, family) -> None:
-    config = load_sweep_config(_sweep_yaml(tmp_path, family))
+    config = load_sweep_config(sweep_yaml(tmp_path, family))
     summary = run_sweep(config, progress=False)
     records = list(RecordStore(config.output))
     # C(4,1) + C(4,2) + C(4,3) subsets for each of the two methods.
@@ -137,7 +112,7 @@ def _kill_after(process: subprocess.Popen, output: Path, lines: int) -> int:
 
 
 def test_killed_sweep_resumes_without_duplicates_or_gaps(tmp_path, family) -> None:
-    config_path = _sweep_yaml(tmp_path, family, k="1-4")
+    config_path = sweep_yaml(tmp_path, family, k="1-4")
     output = load_sweep_config(config_path).output
     interrupted = _kill_after(_sweep_process(config_path), output, 5)
     assert 5 <= interrupted < 30, "the kill should land mid-sweep"
@@ -158,7 +133,7 @@ def _merges(records: list[dict]) -> dict[tuple[str, frozenset[str]], float]:
 
 
 def test_adaptive_sweep_merges_at_most_its_budget_of_fresh_subsets(tmp_path, family) -> None:
-    config = load_sweep_config(_sweep_yaml(tmp_path, family, sampling=ADAPTIVE))
+    config = load_sweep_config(sweep_yaml(tmp_path, family, sampling=ADAPTIVE))
     summary = run_sweep(config, progress=False)
     records = list(RecordStore(config.output))
     for method in ("average", "ties"):
@@ -183,8 +158,8 @@ def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
     tmp_path, family
 ) -> None:
     sampling = {**ADAPTIVE, "budget": 13}
-    killed = _sweep_yaml(tmp_path / "killed", family, sampling=sampling)
-    whole = _sweep_yaml(tmp_path / "whole", family, sampling=sampling)
+    killed = sweep_yaml(tmp_path / "killed", family, sampling=sampling)
+    whole = sweep_yaml(tmp_path / "whole", family, sampling=sampling)
     reference = _sweep_process(whole)
     output = load_sweep_config(killed).output
     interrupted = _kill_after(_sweep_process(killed), output, 11)
@@ -199,7 +174,7 @@ def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
 
 
 def test_two_torchrun_processes_share_an_adaptive_sweep_one_pick_each(tmp_path, family) -> None:
-    config_path = _sweep_yaml(tmp_path, family, sampling=ADAPTIVE)
+    config_path = sweep_yaml(tmp_path, family, sampling=ADAPTIVE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     result = subprocess.run(
@@ -242,12 +217,12 @@ def test_adaptive_sweep_from_python_checks_its_budget(family) -> None:
 )
 def test_bad_adaptive_sampling_is_named_with_the_fix(tmp_path, family, sampling, message) -> None:
     with pytest.raises(SweepConfigError, match=message):
-        load_sweep_config(_sweep_yaml(tmp_path, family, sampling=sampling))
+        load_sweep_config(sweep_yaml(tmp_path, family, sampling=sampling))
 
 
 def test_adaptive_sweep_of_one_size_is_refused(tmp_path, family) -> None:
     with pytest.raises(SweepConfigError, match=r"two or more sizes below .* k has 1"):
-        load_sweep_config(_sweep_yaml(tmp_path, family, k=2, sampling=ADAPTIVE))
+        load_sweep_config(sweep_yaml(tmp_path, family, k=2, sampling=ADAPTIVE))
 
 
 def record(k: int) -> dict:
@@ -320,18 +295,18 @@ def test_plan_is_stable_and_covers_every_method_and_k(family) -> None:
 
 def test_unknown_yaml_key_is_named(tmp_path, family) -> None:
     with pytest.raises(SweepConfigError, match="unknown key 'batchsize' in eval"):
-        load_sweep_config(_sweep_yaml(tmp_path, family, eval={"data": "x", "batchsize": 2}))
+        load_sweep_config(sweep_yaml(tmp_path, family, eval={"data": "x", "batchsize": 2}))
 
 
 def test_k_larger_than_the_pool_is_refused_before_loading(tmp_path, family) -> None:
     with pytest.raises(SweepConfigError, match="k goes up to 7 but the pool has 4 experts"):
-        load_sweep_config(_sweep_yaml(tmp_path, family, k="1-7"))
+        load_sweep_config(sweep_yaml(tmp_path, family, k="1-7"))
 
 
 def test_unknown_method_parameter_is_named(tmp_path, family) -> None:
     methods = [{"name": "ties", "densty": 0.5}]
     with pytest.raises(SweepConfigError, match=r"methods\[0\].*'densty'.*density"):
-        load_sweep_config(_sweep_yaml(tmp_path, family, methods=methods))
+        load_sweep_config(sweep_yaml(tmp_path, family, methods=methods))
 
 
 def test_missing_expert_checkpoint_is_named(tmp_path, family) -> None:
@@ -355,7 +330,7 @@ def test_expert_with_another_vocabulary_is_refused(tmp_path, family) -> None:
 
 
 def test_empty_eval_set_is_refused(tmp_path, family) -> None:
-    config_path = _sweep_yaml(tmp_path, family)
+    config_path = sweep_yaml(tmp_path, family)
     write_jsonl(tmp_path / "eval.jsonl", [])
     with pytest.raises(SweepConfigError, match="is empty"):
         run_sweep(load_sweep_config(config_path), progress=False)
@@ -370,7 +345,7 @@ def _count_lines(path: Path) -> int:
 
 
 def test_records_are_valid_json_lines(tmp_path, family) -> None:
-    config = load_sweep_config(_sweep_yaml(tmp_path, family, k=1))
+    config = load_sweep_config(sweep_yaml(tmp_path, family, k=1))
     run_sweep(config, progress=False)
     for line in config.output.read_text().splitlines():
         assert json.loads(line)["k"] == 1
@@ -390,7 +365,7 @@ def test_streamed_storage_merges_exactly_like_in_memory(family, storage) -> None
 
 
 def test_two_torchrun_processes_share_one_sweep(tmp_path, family) -> None:
-    config_path = _sweep_yaml(tmp_path, family, k="1-2")
+    config_path = sweep_yaml(tmp_path, family, k="1-2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     result = subprocess.run(
