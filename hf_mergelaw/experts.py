@@ -157,7 +157,8 @@ class ExpertPool:
         times k: lambda times its prepared (trimmed or dropped, rescaled) task vector. Exact for
         the linear methods; for TIES and DARE-TIES the sign election of a subset keeps less."""
         vector, scale = self._prepared_vector(method, self.experts[expert], tensor_name)
-        return vector * (scale * method.params.get("lambda", 1.0))
+        factor = scale * method.params.get("lambda", 1.0)
+        return vector if factor == 1.0 else vector * factor  # no copy for plain averages
 
     @torch.no_grad()
     def restore_base(self) -> None:

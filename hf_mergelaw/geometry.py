@@ -149,7 +149,8 @@ def method_models(
 
 def method_directions(pool: ExpertPool, method: MethodSpec, expert: str) -> dict[str, torch.Tensor]:
     """The float32 vector ``method`` adds for ``expert`` (times k), tensors it leaves alone
-    omitted."""
+    omitted. The pool's own task vectors where they are that already (a float32 pool's average),
+    else one float32 copy per expert: memory beyond the pool's is O(M x model) at most."""
     untouched = pool.experts[expert].same_as_base
     return {
         name: pool.merged_vector(method, expert, name).float()
