@@ -96,6 +96,7 @@ def test_figures_are_real_pngs(runs):
         "in_domain/ties_fused",
         "spread",
         "pool_held_out",
+        "geometry_predicted",
         *pool_figures,
     }
     for path in first.figures.values():
@@ -121,6 +122,19 @@ def test_report_states_the_fit_the_plan_and_the_science_check(runs):
     science = json.loads(first.science.read_text())
     assert [m["method"] for m in science["methods"]] == ["average", "ties_fused"]
     assert not list(first.output_dir.glob(".*.tmp"))  # atomic writes left no temp files
+
+
+def test_every_merge_is_predicted_from_curvature_before_merging(runs):
+    first, _ = runs
+    report = PoolReport.load(first.geometry)
+    macro = {m.group["method"]: m for m in report.select({"domain": "macro"})}
+    assert set(macro) == {"average", "ties_fused"}
+    assert all(m.source["kind"] == "geometry" and not m.has_intervals for m in macro.values())
+    scores = first.geometry_check.to_dict()["methods"]
+    # The quick pool's experts barely move the base: the expansion orders the merges well.
+    assert scores["average"]["shape_r2"] > 0.9 and scores["average"]["spearman"] > 0.9
+    assert scores["average"]["calibration_merges"] == 2 * M
+    assert "## Before merging: the pool model from curvature" in first.report.read_text()
 
 
 def test_pool_model_is_checked_on_merges_it_was_not_fitted_on(runs):
