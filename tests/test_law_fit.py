@@ -158,6 +158,21 @@ def test_pool_intervals_resample_subsets_only_and_are_narrower() -> None:
     assert np.all(pool_band.hi - pool_band.lo < population_band.hi - population_band.lo)
 
 
+def test_one_more_merge_of_a_fitted_size_is_predicted_around_its_pool_not_the_population() -> None:
+    records = paper_sweep("average", "code", sizes=(0.5, 3.0, 7.0), seed=3)
+    pool = fit_law(records, "joint", bootstrap=30, seed=5, target="pool")
+    population = fit_law(records, "joint", bootstrap=30, seed=5)
+    # Same resampled subsets: the population fit keeps the pool's own replicates beside its own.
+    np.testing.assert_allclose(population.bootstrap.own_params, pool.bootstrap.params)
+    # The 7B cells hold every subset, so this pool's curve is known there: merging all 9 experts
+    # again varies by the merge's own scatter, less than the population's curve is uncertain.
+    full = population.predict(7.0, 9.0)
+    assert full.pi_hi[0] - full.pi_lo[0] < full.hi[0] - full.lo[0]
+    # At a size without a pool, the next merge is a new pool's: the population's spread counts.
+    elsewhere = population.predict(72.0, np.arange(1, 10))
+    assert np.all(elsewhere.pi_lo <= elsewhere.lo) and np.all(elsewhere.hi <= elsewhere.pi_hi)
+
+
 def test_records_without_subsets_say_what_the_intervals_ignore() -> None:
     records = [{k: v for k, v in r.items() if k != "subset"}
                for r in paper_sweep("average", "code", sizes=(7.0,), seed=3)]  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 
 from ..errors import FitError, LawError
 from ..files import float_from_json, json_float, json_safe, read_json, write_json
@@ -26,6 +27,8 @@ from .records import at_size
 from .uncertainty import numeric_or_exact_jacobian, z_value
 
 FORMAT_VERSION = 1
+# Degrees of freedom standing for "known exactly" (a t this wide is a normal).
+_LARGE_DOF = 1e6
 # Fewer successful bootstrap replicates than this give too rough a percentile interval.
 MIN_BOOTSTRAP = 10
 
@@ -86,10 +89,18 @@ class Bootstrap:
     kind: Literal["experts", "subsets", "residuals"]
     n_failed: int
     params: np.ndarray
+    # With kind "experts": the same resampled subsets refitted without the pool's shift, the
+    # uncertainty of the pool's own curve, around which its next merge lands.
+    pool_params: np.ndarray | None = None
 
     @property
     def usable(self) -> bool:
         return self.params.shape[0] >= MIN_BOOTSTRAP
+
+    @property
+    def own_params(self) -> np.ndarray:
+        """Replicates of the fitted pool's own curve."""
+        return self.params if self.pool_params is None else self.pool_params
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,10 @@ class Prediction:
     where the single-merge spread came from: ``"variance-law"`` (the fitted variance law),
     ``"residual"`` (scatter of cell means around the curve scaled as 1/k; exact when cells
     hold one merge each, a lower bound otherwise) or ``"none"`` (variance fits: PI = CI).
+    The PI is for one more merge: at a fitted size, of that size's pool (its own curve, not the
+    population's that the CI of a population-target fit covers), elsewhere of a new pool (the
+    population's curve); plus a Student-t draw of the spread with the degrees of freedom of its
+    estimate.
     """
 
     N: np.ndarray
@@ -243,21 +258,29 @@ class FitResult:
         quantiles = [(1 - level) / 2, (1 + level) / 2]
         boot = self.bootstrap
         spread, pi_source = self._single_merge_variance(x)
+        dof = self._spread_dof(x, pi_source)
         if boot is not None and boot.usable:
             curves = self.law.evaluate_many(boot.params, x)
             lo, hi = np.nanquantile(curves, quantiles, axis=0)
             ci_source = "bootstrap"
-            # One merge = a curve drawn from the replicates plus its own scatter: the same
-            # replicates give both intervals, so the single-merge one always holds the other.
-            noise = np.random.default_rng(0).standard_normal(curves.shape)
-            pi_lo, pi_hi = np.nanquantile(curves + np.sqrt(spread) * noise, quantiles, axis=0)
-            pi_lo, pi_hi = np.minimum(pi_lo, lo), np.maximum(pi_hi, hi)
+            # One merge at a fitted size is one more merge of that size's pool: a draw of the
+            # pool's own curve; elsewhere a new pool's, the population's. Plus its own scatter,
+            # Student-t for the spread's estimation error (a normal draw left k = 1 at 80%).
+            fitted = self._at_fitted_size(x)
+            own = self.law.evaluate_many(boot.own_params, x)
+            centre = np.where(fitted, own, curves) if own.shape == curves.shape else curves
+            noise = np.random.default_rng(0).standard_t(dof, size=centre.shape)
+            pi_lo, pi_hi = np.nanquantile(centre + np.sqrt(spread) * noise, quantiles, axis=0)
+            # A new pool's merge varies at least as much as the population's mean curve.
+            pi_lo = np.where(fitted, pi_lo, np.minimum(pi_lo, lo))
+            pi_hi = np.where(fitted, pi_hi, np.maximum(pi_hi, hi))
         else:
             grad = numeric_or_exact_jacobian(self.law, self.theta, x)
             with np.errstate(invalid="ignore"):
                 se = np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad))
             lo, hi, ci_source = mean - z * se, mean + z * se, "delta"
-            half = z * np.sqrt(spread + np.nan_to_num(se) ** 2)
+            t = stats.t.ppf((1 + level) / 2, dof)
+            half = t * np.sqrt(spread + np.nan_to_num(se) ** 2)
             pi_lo, pi_hi = mean - half, mean + half
         if pi_source == "none":
             pi_lo, pi_hi = lo, hi
@@ -288,6 +311,27 @@ class FitResult:
             raise LawError(f"the {self.form} law needs N (billions of parameters) to predict")
         nn, kk = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(k, dtype=float))
         return {"N": nn.ravel().copy(), "k": kk.ravel().copy()}
+
+    def _at_fitted_size(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Which points lie at a size the fit has a pool of (every point of a per-size fit)."""
+        if "N" not in self.law.variables:
+            return np.ones(x["k"].shape, dtype=bool)
+        return np.isclose(x["N"][:, None], np.unique(self.cells.N)[None, :]).any(axis=1)
+
+    def _spread_dof(self, x: Mapping[str, np.ndarray], source: PiSource) -> np.ndarray:
+        """Degrees of freedom of the single-merge variance: 2 (V / se(V))^2 for a variance law
+        (its delta-method standard error; a chi-square's), the residual dof otherwise."""
+        k = np.asarray(x["k"], dtype=float)
+        if source == "variance-law" and self.variance is not None:
+            v = self.variance
+            var = v.law.evaluate(v.theta, x)
+            grad = numeric_or_exact_jacobian(v.law, v.theta, x)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                se2 = np.einsum("ij,jk,ik->i", grad, v.covariance, grad)
+                dof = 2 * var**2 / se2
+            return np.clip(np.where(np.isfinite(dof), dof, _LARGE_DOF), 1.0, _LARGE_DOF)
+        residual_dof = max(self.n_cells - len(self.theta), 1)
+        return np.full_like(k, float(residual_dof))
 
     def _single_merge_variance(self, x: Mapping[str, np.ndarray]) -> tuple[np.ndarray, PiSource]:
         if self.law.target == "var":
@@ -327,6 +371,7 @@ class FitResult:
                     "kind": boot.kind,
                     "n_failed": boot.n_failed,
                     "params": boot.params.tolist(),
+                    "pool_params": None if boot.pool_params is None else boot.pool_params.tolist(),
                 },
                 "cells": self.cells.to_rows(),
                 "variance": None if self.variance is None else self.variance.to_dict(),
@@ -372,6 +417,9 @@ class FitResult:
                 kind=boot["kind"],
                 n_failed=int(boot["n_failed"]),
                 params=np.array(boot["params"], dtype=float).reshape(-1, p),
+                pool_params=None
+                if boot.get("pool_params") is None
+                else np.array(boot["pool_params"], dtype=float).reshape(-1, p),
             ),
             variance=None if data.get("variance") is None else cls.from_dict(data["variance"]),
             notes=list(data.get("notes", [])),

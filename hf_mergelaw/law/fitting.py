@@ -202,7 +202,10 @@ def fit_law(
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         finite = pool if target == "pool" else None
-        boot = _bootstrap(problem, cells, theta, fitted, bootstrap, rng, seed, offsets, finite)
+        own_pool = pool if target == "population" and law.target == "mean" else None
+        boot = _bootstrap(
+            problem, cells, theta, fitted, bootstrap, rng, seed, offsets, finite, own_pool
+        )
         if not boot.usable:
             notes.append(
                 f"only {boot.params.shape[0]} of {bootstrap} bootstrap refits succeeded; "
@@ -563,9 +566,7 @@ def _resampled_statistics(
     single_var = _single_merge_variance(cells)
     for j, values in enumerate(cells.values):
         n = values.size
-        # Sampled without replacement from the C(M, k) subsets of a known pool.
-        total = n if pool_size is None else max(comb(pool_size, int(cells.k[j])), n)
-        fpc = 1.0 if pool_size is None else 1 - n / total
+        fpc = _finite_pool_scale(cells, pool_size)[j] ** 2
         if n == 1:
             spread = np.sqrt(single_var[j] * fpc)
             out[:, j] = values[0] + spread * rng.standard_normal(n_boot)
@@ -577,6 +578,16 @@ def _resampled_statistics(
         else:
             out[:, j] = draws.var(axis=1, ddof=1)
     return out
+
+
+def _finite_pool_scale(cells: CellTable, pool_size: int | None) -> np.ndarray:
+    """Per cell, sqrt(1 - n / C(M, k)): how much less a cell mean varies when its subsets are
+    drawn without replacement from a known pool of M (zero when it holds all of them)."""
+    if pool_size is None:
+        return np.ones(len(cells))
+    pairs = zip(cells.k, cells.n, strict=True)
+    total = np.array([max(comb(pool_size, int(k)), int(n)) for k, n in pairs])
+    return np.sqrt(1 - cells.n / total)
 
 
 def _single_merge_variance(cells: CellTable) -> np.ndarray:
@@ -602,13 +613,19 @@ def _bootstrap(
     seed: int | Sequence[int],
     offsets: PoolOffsets | None = None,
     pool_size: int | None = None,
+    own_pool: int | None = None,
 ) -> Bootstrap:
     """Replicates of the cell statistics, refitted: subsets resampled within cells (scaled by
     the finite-population factor for the pool's own curve), plus, for the population curve,
-    the shift of a resampled pool of experts (``offsets``)."""
+    the shift of a resampled pool of experts (``offsets``). With ``own_pool`` (a population
+    fit of a known pool) the same draws are refitted as the pool's own curve as well."""
+    own = None
     if (cells.n >= 2).any():
         kind = "subsets" if offsets is None else "experts"
         ys = _resampled_statistics(cells, problem.law.target, n_boot, rng, pool_size)
+        if own_pool is not None:
+            # The same draws as the pool's own curve would see them: finite-pool scaled, no shift.
+            own = cells.mean + _finite_pool_scale(cells, own_pool) * (ys - cells.mean)
         if offsets is not None:
             ys = ys + offsets.draw(cells.N, n_boot, rng)
     else:
@@ -619,16 +636,22 @@ def _bootstrap(
         e = (problem.y - fitted) * problem.sqrt_w * np.sqrt(m / max(m - p, 1))
         ys = fitted + rng.choice(e, size=(n_boot, m)) / problem.sqrt_w
     refit = replace(problem, law=problem.law.for_intervals())
+    params, failed = _refits(refit, ys, theta)
+    pool_params = None if own is None else _refits(refit, own, theta)[0]
+    seed_json = seed if isinstance(seed, int) else [int(s) for s in seed]
+    return Bootstrap(n_boot, seed_json, kind, failed, params, pool_params)
+
+
+def _refits(problem: _Problem, ys: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, int]:
+    """The converged refits of each replicate ``ys`` from ``theta``, and how many failed."""
     replicates, failed = [], 0
     for y in ys:
-        result = refit.with_y(y).solve(theta)
+        result = problem.with_y(y).solve(theta)
         if result.status > 0 and np.all(np.isfinite(result.x)):
             replicates.append(result.x)
         else:
             failed += 1
-    params = np.array(replicates).reshape(-1, len(theta))
-    seed_json = seed if isinstance(seed, int) else [int(s) for s in seed]
-    return Bootstrap(n_boot, seed_json, kind, failed, params)
+    return np.array(replicates).reshape(-1, len(theta)), failed
 
 
 def _intervals(
