@@ -60,12 +60,14 @@ def pool_geometry(
     config: SweepConfig,
     *,
     curvature: str = "hessian",
+    curvature_sample: float = 1.0,
     calibration: int = 0,
     level: float = 0.9,
     progress: bool = True,
 ) -> GeometryRun:
     """The pool model of every method and domain of ``config`` from the pool's geometry,
-    calibrated on ``calibration`` merges per method (0: the geometry alone).
+    calibrated on ``calibration`` merges per method (0: the geometry alone); the curvature from
+    ``curvature_sample`` of each domain's sequences (:func:`~.curvature.lm_second_order`).
 
     Raises:
         CommandError: a method the expansion cannot express (one mergekit runs, not a fused
@@ -84,7 +86,9 @@ def pool_geometry(
     priors = [
         model
         for method in config.methods
-        for model in method_models(pool, eval_set, method, curvature, config.eval.batch_size, level)
+        for model in method_models(
+            pool, eval_set, method, curvature, config.eval.batch_size, level, curvature_sample
+        )
     ]
     geometry_s = time.perf_counter() - start
     if not subsets:
@@ -125,12 +129,20 @@ def method_models(
     curvature: str,
     batch_size: int,
     level: float,
+    curvature_sample: float = 1.0,
 ) -> list[PoolModel]:
     """One uncalibrated geometry model per domain of the eval set (and the cross-domain one)."""
     experts = sorted(pool.names)
     directions = [method_directions(pool, method, name) for name in experts]
     model = float32_base(pool)
-    terms = lm_second_order(model, eval_set, directions, curvature=curvature, batch_size=batch_size)
+    terms = lm_second_order(
+        model,
+        eval_set,
+        directions,
+        curvature=curvature,
+        batch_size=batch_size,
+        curvature_sample=curvature_sample,
+    )
     geometries = {domain: _geometry(experts, part) for domain, part in terms.items()}
     if WHOLE_SET not in geometries:
         geometries[CROSS_DOMAIN] = PoolGeometry.mean(list(geometries.values()))
@@ -140,6 +152,7 @@ def method_models(
             {"method": method.label, "domain": domain},
             geometry,
             curvature=curvature,
+            curvature_sample=curvature_sample,
             approximate=approximate,
             level=level,
         )

@@ -330,6 +330,25 @@ def test_batch_size_changes_nothing_but_rounding(model, eval_set, curvature) -> 
             np.testing.assert_allclose(terms.curvature, first.curvature, rtol=1e-4, atol=1e-8)
 
 
+def test_a_curvature_sample_takes_the_curvature_from_some_sequences_and_the_rest_from_all(
+    model, tokenizer, eval_set
+) -> None:
+    directions = random_directions(model, 2)
+    full = lm_second_order(model, eval_set, directions)
+    sampled = lm_second_order(model, eval_set, directions, curvature_sample=0.5)
+    prose = [t for t, d in zip(TEXTS, DOMAINS, strict=True) if d == "prose"]
+    # The prose sequences sorted longest first, every other one from the first: the sample.
+    longest_first = sorted(prose, key=lambda t: -len(tokenizer(t)["input_ids"]))
+    alone = build_eval_set(tokenizer, texts=longest_first[::2])
+    curved_alone = lm_second_order(model, alone, directions)["all"].curvature
+    assert sampled["prose"].loss == pytest.approx(full["prose"].loss, rel=1e-6)
+    np.testing.assert_allclose(sampled["prose"].gradient, full["prose"].gradient, rtol=1e-5)
+    np.testing.assert_allclose(sampled["prose"].curvature, curved_alone, rtol=1e-4, atol=1e-8)
+    assert not np.allclose(sampled["prose"].curvature, full["prose"].curvature, rtol=1e-3)
+    with pytest.raises(UserError, match="curvature_sample=0"):
+        lm_second_order(model, eval_set, directions, curvature_sample=0)
+
+
 def test_the_model_is_left_as_it_was(tokenizer, eval_set) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).train()

@@ -415,11 +415,25 @@ def _add_geometry(commands: Any) -> None:
         "semi-definite, about half the time; ignores the curvature of the network itself)",
     )
     p.add_argument(
+        "--curvature-sample",
+        type=_share,
+        default=1.0,
+        help="share of each domain's sequences the curvature is taken from (default 1: all; "
+        "the loss and gradient always use all): its cost falls in proportion",
+    )
+    p.add_argument(
         "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_options(p, "the pool file (JSON)")
     p.set_defaults(handler=run_geometry)
+
+
+def _share(text: str) -> float:
+    value = arguments.finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share in (0, 1], e.g. 0.25")
+    return value
 
 
 def run_geometry(args: argparse.Namespace) -> int:
@@ -431,6 +445,7 @@ def run_geometry(args: argparse.Namespace) -> int:
     run = pool_geometry(
         config,
         curvature=args.curvature,
+        curvature_sample=args.curvature_sample,
         calibration=calibration,
         level=args.level,
         progress=not args.no_progress,
@@ -454,7 +469,9 @@ def _geometry_table(report: PoolReport, payload: dict[str, Any]) -> str:
     lines = []
     for model, data in zip(report.pools, payload["pools"], strict=True):
         source, law = model.source, data["law"]
-        lines.append(f"== {group_label(model.group)}: {model.m} experts, {source['curvature']}")
+        sample = source.get("curvature_sample", 1.0)
+        how = source["curvature"] + ("" if sample == 1 else f" from {sample:.0%} of the sequences")
+        lines.append(f"== {group_label(model.group)}: {model.m} experts, {how}")
         lines.append(f"   {source['note']}")
         calibration = source.get("calibration")
         if calibration:

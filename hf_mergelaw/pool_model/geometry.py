@@ -100,6 +100,7 @@ def geometry_model(
     geometry: PoolGeometry,
     *,
     curvature: str = "hessian",
+    curvature_sample: float = 1.0,
     approximate: bool = False,
     level: float = 0.9,
 ) -> PoolModel:
@@ -107,6 +108,7 @@ def geometry_model(
 
     ``approximate``: the method's merge is not a sum of fixed per-expert vectors (sign
     election), so the expansion holds only approximately even to second order.
+    ``curvature`` and ``curvature_sample`` say how ``geometry`` was measured (for the record).
     """
     m = len(geometry.experts)
     beta, gamma = geometry.effects()
@@ -127,6 +129,7 @@ def geometry_model(
         source={
             "kind": "geometry",
             "curvature": curvature,
+            "curvature_sample": curvature_sample,
             "approximate": approximate,
             "note": SECOND_ORDER_NOTE.format(consensus=consensus),
             "calibration": None,

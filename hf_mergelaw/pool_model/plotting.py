@@ -99,31 +99,38 @@ def draw_predicted(
 ) -> None:
     """Predicted against measured CE into ``figure`` (a matplotlib Figure or SubFigure). Left:
     CE; right: the same as deviations from each size's mean CE (what the pool model adds to the
-    law). The points: the fitted merges, each predicted with it left out of the fit, or
-    ``held_out = (members, ce)``, merges the model was not fitted on (boolean rows over
-    ``model.experts``) and what they measured."""
+    law; a model without intervals, whose level is not calibrated, has its predictions centred
+    on their own mean per size: the shape). The points: the fitted merges, each predicted with it
+    left out of the fit, or ``held_out = (members, ce)``, merges the model was not fitted on
+    (boolean rows over ``model.experts``) and what they measured."""
     ce, mean, half, k = _points(model, held_out)
-    level = np.zeros_like(ce)
+    level, own_level = np.zeros_like(ce), np.zeros_like(ce)
     for size in np.unique(k):
         level[k == size] = ce[k == size].mean()
+        own_level[k == size] = mean[k == size].mean()
     r2 = within_k_r2(ce, mean, k)
-    covered = coverage(ce, mean - half, mean + half)
-    how = "merge left out of the fit" if held_out is None else "merges it was not fitted on"
-    for n, (shift, what) in enumerate(((0.0, "CE"), (level, "CE - mean CE of its k"))):
+    if model.has_intervals:
+        how = "merge left out of the fit" if held_out is None else "merges it was not fitted on"
+        how += f", {model.level:.0%} interval"
+        scored = f"{model.level:.0%} intervals cover {coverage(ce, mean - half, mean + half):.0%}"
+        centred, centred_what = level, "CE - mean CE of its k"
+    else:
+        how, centred, centred_what = "second order, no merge", own_level, "CE - its mean at k"
+        scored = f"shape R^2 {shape_r2(ce, mean, k):.3f} (no interval before calibration)"
+    panels = (
+        (0.0, 0.0, "CE", "CE"),
+        (centred, level, centred_what, "CE - mean CE of its k"),
+    )
+    for n, (x_shift, y_shift, x_what, y_what) in enumerate(panels):
         ax = figure.add_subplot(1, 2, n + 1)
-        x, y = mean - shift, ce - shift
+        x, y = mean - x_shift, ce - y_shift
         ax.errorbar(x, y, xerr=half, fmt="none", ecolor="0.75", elinewidth=0.8, zorder=1)
         points = ax.scatter(x, y, c=k, cmap="viridis", s=14, zorder=2)
         edges = [min(x.min(), y.min()), max(x.max(), y.max())]
         ax.plot(edges, edges, color="black", linewidth=0.8)
-        ax.set_xlabel(f"predicted {what}\n({how}, {model.level:.0%} interval)")
-        ax.set_ylabel(f"measured {what}")
+        ax.set_xlabel(f"predicted {x_what}\n({how})")
+        ax.set_ylabel(f"measured {y_what}")
     figure.colorbar(points, ax=ax, label="k")
-    scored = (
-        f"{model.level:.0%} intervals cover {covered:.0%}"
-        if model.has_intervals
-        else f"shape R^2 {shape_r2(ce, mean, k):.3f} (no interval before calibration)"
-    )
     figure.suptitle(f"{_title(model)}: R^2 within k {r2:.3f}, {scored}", fontsize=10)
 
 
