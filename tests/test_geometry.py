@@ -164,3 +164,18 @@ def test_refusals_name_the_fix_and_write_nothing(
     assert main(["pool", "geometry", str(config), "--no-progress", *argv, "-o", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_the_curvature_can_come_from_a_share_of_the_sequences(tmp_path, family, capsys) -> None:
+    config = sweep_yaml(tmp_path, family, methods=[{"name": "average"}])
+    argv = ["pool", "geometry", str(config), "--no-progress", "--calibrate", "0"]
+    whole = run_json(capsys, argv)["pools"][-1]
+    half = run_json(capsys, [*argv, "--curvature-sample", "0.5"])["pools"][-1]
+    assert half["source"]["curvature_sample"] == 0.5
+    # Every expert alone: the gradient is the whole set's either way, the curvature is not.
+    assert half["beta"] != whole["beta"]
+    assert half["law"]["L_inf"] == pytest.approx(whole["law"]["L_inf"], abs=1e-3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--curvature-sample", "0"])
+    assert "give a share in (0, 1]" in capsys.readouterr().err
