@@ -235,15 +235,27 @@ def _gradient_terms(
     batch: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch's loss and u_i . grad by one backward; no curvature."""
-    leaves = [params[name].detach().requires_grad_() for name in active]
-    weights = {**params, **dict(zip(active, leaves, strict=True))}
-    loss = output_loss(outputs(weights, batch), batch)
-    grads = dict(
-        zip(active, torch.autograd.grad(loss, leaves, materialize_grads=True), strict=True)
-    )
+    loss, _, grads = _loss_and_gradients(outputs, output_loss, params, active, batch, False)
     gradient = torch.stack([_dot(grads, vector) for vector in vectors])
     matrix = torch.zeros(len(vectors), len(vectors), dtype=torch.float64, device=loss.device)
     return loss.detach().double(), gradient, matrix
+
+
+def _loss_and_gradients(
+    outputs: Outputs,
+    output_loss: OutputLoss,
+    params: dict[str, torch.Tensor],
+    active: list[str],
+    batch: Any,
+    create_graph: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """One batch's loss, the leaves it was differentiated at, and its gradient by name (a graph
+    to differentiate again with ``create_graph``)."""
+    leaves = [params[name].detach().requires_grad_() for name in active]
+    weights = {**params, **dict(zip(active, leaves, strict=True))}
+    loss = output_loss(outputs(weights, batch), batch)
+    grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, materialize_grads=True)
+    return loss, leaves, dict(zip(active, grads, strict=True))
 
 
 def _checked_directions(
@@ -288,11 +300,9 @@ def _hessian_terms(
     ``torch.func.linearize`` (which re-traces every batch); the first backward is shared by all
     directions and gives the gradient too.
     """
-    leaves = [params[name].detach().requires_grad_() for name in active]
-    weights = {**params, **dict(zip(active, leaves, strict=True))}
-    loss = output_loss(outputs(weights, batch), batch)
-    grads = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
-    grads_by_name = dict(zip(active, grads, strict=True))
+    loss, leaves, grads_by_name = _loss_and_gradients(
+        outputs, output_loss, params, active, batch, True
+    )
     gradient = torch.stack([_dot(grads_by_name, vector) for vector in vectors])
     matrix = torch.zeros(len(vectors), len(vectors), dtype=torch.float64, device=loss.device)
     for i, vector in enumerate(vectors):
