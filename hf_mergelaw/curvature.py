@@ -138,7 +138,7 @@ def lm_second_order(
 
     ``curvature_sample`` below 1 takes the curvature from that share of each domain's sequences
     (evenly spaced, at least one) and the loss and gradient from all of them: the curvature costs
-    that share of its passes. On the demo pool a quarter kept the shape R^2 at 0.993 (0.998 from
+    that share of its passes. On the demo pool a quarter kept the shape R^2 at 0.996 (0.998 from
     every sequence); ``benchmarks/pool_geometry.py`` measures it.
 
     >>> terms = lm_second_order(model, eval_set, [math_vector, code_vector], batch_size=16)

@@ -38,7 +38,7 @@ from .pool_model import (
     pool_records,
 )
 from .record_schema import CROSS_DOMAIN, WHOLE_SET
-from .sweep import Job, load_eval_set, load_pool, sweep_jobs
+from .sweep import Job, check_output, load_eval_set, load_pool, sweep_jobs
 from .sweep_config import SweepConfig
 from .sweep_methods import MethodSpec
 
@@ -80,14 +80,24 @@ def pool_geometry(
         check_expressible(method)
     experts = tuple(sorted(named_experts(config.experts)))
     subsets = calibration_subsets(experts, calibration) if calibration else []
+    if subsets:
+        check_output(config)
     eval_set = load_eval_set(config)
     pool = load_pool(config)
     start = time.perf_counter()
+    base = float32_base(pool)
     priors = [
         model
         for method in config.methods
         for model in method_models(
-            pool, eval_set, method, curvature, config.eval.batch_size, level, curvature_sample
+            pool,
+            eval_set,
+            method,
+            curvature,
+            config.eval.batch_size,
+            level,
+            curvature_sample,
+            base=base,
         )
     ]
     geometry_s = time.perf_counter() - start
@@ -130,13 +140,15 @@ def method_models(
     batch_size: int,
     level: float,
     curvature_sample: float = 1.0,
+    *,
+    base: PreTrainedModel | None = None,
 ) -> list[PoolModel]:
-    """One uncalibrated geometry model per domain of the eval set (and the cross-domain one)."""
+    """One uncalibrated geometry model per domain of the eval set (and the cross-domain one);
+    ``base``: the float32 base, when the caller already holds it (:func:`float32_base`)."""
     experts = sorted(pool.names)
     directions = [method_directions(pool, method, name) for name in experts]
-    model = float32_base(pool)
     terms = lm_second_order(
-        model,
+        float32_base(pool) if base is None else base,
         eval_set,
         directions,
         curvature=curvature,

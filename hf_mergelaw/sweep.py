@@ -103,8 +103,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = Fal
     What is cheap to check is checked before any model loads: the output (a sweep's own records
     file, writable, not in use by another sweep), then the eval data and the tokenizer.
     """
-    with RecordStore(config.output).exclusive():
-        pass
+    check_output(config)
     eval_set = load_eval_set(config)
     pool = load_pool(config)
     return sweep_pool(
@@ -119,6 +118,13 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = Fal
         progress=progress,
         restart=restart,
     )
+
+
+def check_output(config: SweepConfig) -> None:
+    """Refuse an output that is not a sweep's records file, or one another sweep is writing,
+    before anything slow runs."""
+    with RecordStore(config.output).exclusive():
+        pass
 
 
 def load_eval_set(config: SweepConfig) -> EvalSet:

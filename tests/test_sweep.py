@@ -173,17 +173,22 @@ def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
     assert len(_merges(resumed)) == len(resumed)
 
 
-def test_two_torchrun_processes_share_an_adaptive_sweep_one_pick_each(tmp_path, family) -> None:
-    config_path = sweep_yaml(tmp_path, family, sampling=ADAPTIVE)
+def torchrun_sweep(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """``hf-mergelaw sweep`` under ``torch.distributed.run`` with two processes."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    result = subprocess.run(
+    return subprocess.run(
         [*launch, "-m", "hf_mergelaw", "sweep", str(config_path), "--no-progress", "--json"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_two_torchrun_processes_share_an_adaptive_sweep_one_pick_each(tmp_path, family) -> None:
+    config_path = sweep_yaml(tmp_path, family, sampling=ADAPTIVE)
+    result = torchrun_sweep(config_path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = list(RecordStore(load_sweep_config(config_path).output))
     per_method = {m: sum(r["method"] == m for r in records) for m in ("average", "ties")}
@@ -366,15 +371,7 @@ def test_streamed_storage_merges_exactly_like_in_memory(family, storage) -> None
 
 def test_two_torchrun_processes_share_one_sweep(tmp_path, family) -> None:
     config_path = sweep_yaml(tmp_path, family, k="1-2")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*launch, "-m", "hf_mergelaw", "sweep", str(config_path), "--no-progress", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun_sweep(config_path)
     assert result.returncode == 0, result.stderr[-3000:]
     written_per_rank = sorted(int(n) for n in re.findall(r'"written": (\d+)', result.stdout))
     assert written_per_rank == [10, 10]  # each rank half of 2 methods x (4 + 6) subsets

@@ -34,6 +34,14 @@ def level(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A fraction in (0, 1]."""
+    value = finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share in (0, 1], e.g. 0.25")
+    return value
+
+
 def finite(text: str) -> float:
     """A finite number."""
     try:

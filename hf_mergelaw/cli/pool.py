@@ -416,7 +416,7 @@ def _add_geometry(commands: Any) -> None:
     )
     p.add_argument(
         "--curvature-sample",
-        type=_share,
+        type=arguments.share,
         default=1.0,
         help="share of each domain's sequences the curvature is taken from (default 1: all; "
         "the loss and gradient always use all): its cost falls in proportion",
@@ -427,13 +427,6 @@ def _add_geometry(commands: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_options(p, "the pool file (JSON)")
     p.set_defaults(handler=run_geometry)
-
-
-def _share(text: str) -> float:
-    value = arguments.finite(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a share in (0, 1], e.g. 0.25")
-    return value
 
 
 def run_geometry(args: argparse.Namespace) -> int:

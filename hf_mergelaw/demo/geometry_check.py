@@ -25,6 +25,7 @@ from hf_mergelaw.pool_model import (
     PoolRecords,
     PoolReport,
     calibrate,
+    calibration_sizes,
     pool_law,
     pool_records,
     shape_r2,
@@ -106,8 +107,11 @@ def check_geometry(
 
 
 def _calibration_rows(k: np.ndarray, m: int) -> list[int]:
-    """2M of the sweep's merges at the sizes ``calibration_subsets`` uses, in its order."""
-    singles, whole = np.flatnonzero(k == 1), np.flatnonzero(k == m)
-    pairs, halves = np.flatnonzero(k == 2), np.flatnonzero(k == (m + 1) // 2)
-    rest = [int(r) for pair in itertools.zip_longest(pairs, halves) for r in pair if r is not None]
-    return [*map(int, singles), *map(int, whole[:1]), *rest][: 2 * m]
+    """2M of the sweep's merges: every expert alone, then the calibration sizes in turn (as
+    ``calibration_subsets`` fills them), each size's in the sweep's order."""
+    by_size = [list(np.flatnonzero(k == size)) for size in calibration_sizes(m)]
+    # The full pool is one subset; the other sizes take turns.
+    rest = by_size[0][:1] + [
+        int(r) for turn in itertools.zip_longest(*by_size[1:]) for r in turn if r is not None
+    ]
+    return [*map(int, np.flatnonzero(k == 1)), *map(int, rest)][: 2 * m]

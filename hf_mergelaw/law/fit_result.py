@@ -268,12 +268,18 @@ class FitResult:
             # Student-t for the spread's estimation error (a normal draw left k = 1 at 80%).
             fitted = self._at_fitted_size(x)
             own = self.law.evaluate_many(boot.own_params, x)
-            centre = np.where(fitted, own, curves) if own.shape == curves.shape else curves
-            noise = np.random.default_rng(0).standard_t(dof, size=centre.shape)
-            pi_lo, pi_hi = np.nanquantile(centre + np.sqrt(spread) * noise, quantiles, axis=0)
+            # One set of draws serves both replicate sets (they may differ in failed refits).
+            rows = max(own.shape[0], curves.shape[0])
+            noise = np.random.default_rng(0).standard_t(dof, size=(rows, dof.size))
+            scatter = np.sqrt(spread) * noise
+
+            def band(centres: np.ndarray) -> np.ndarray:
+                return np.nanquantile(centres + scatter[: centres.shape[0]], quantiles, axis=0)
+
+            (own_lo, own_hi), (new_lo, new_hi) = band(own), band(curves)
             # A new pool's merge varies at least as much as the population's mean curve.
-            pi_lo = np.where(fitted, pi_lo, np.minimum(pi_lo, lo))
-            pi_hi = np.where(fitted, pi_hi, np.maximum(pi_hi, hi))
+            pi_lo = np.where(fitted, own_lo, np.minimum(new_lo, lo))
+            pi_hi = np.where(fitted, own_hi, np.maximum(new_hi, hi))
         else:
             grad = numeric_or_exact_jacobian(self.law, self.theta, x)
             with np.errstate(invalid="ignore"):

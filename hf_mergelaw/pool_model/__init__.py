@@ -37,7 +37,13 @@ from .errors import PoolModelError
 from .evidence import Hyper
 from .expectation import CurvePoint, pool_curve, pool_law, subset_moments
 from .fit import check_identifiable, fit_pool, fit_pools, required_records
-from .geometry import PoolGeometry, calibrate, calibration_subsets, geometry_model
+from .geometry import (
+    PoolGeometry,
+    calibrate,
+    calibration_sizes,
+    calibration_subsets,
+    geometry_model,
+)
 from .model import PoolModel, SubsetPrediction
 from .records import PoolRecords, pool_records
 from .report import PoolReport
@@ -62,6 +68,7 @@ __all__ = [
     "answer_targets",
     "best_subsets",
     "calibrate",
+    "calibration_sizes",
     "calibration_subsets",
     "candidate_subsets",
     "check_identifiable",

@@ -40,11 +40,7 @@ from .fit import posterior
 from .model import FittedRecords, PoolModel
 from .records import PoolRecords
 
-SECOND_ORDER_NOTE = (
-    "second-order prediction from the loss's gradient and curvature at the base: it ignores "
-    "terms beyond second order in the task vectors{consensus}; no interval without calibration "
-    "merges (--calibrate)"
-)
+CONSENSUS_NOTE = ", and the sign election, which depends on the subset"
 # Singles whose measured change from the base the expansion misses by more than this share are
 # out of its regime.
 REGIME_TOLERANCE = 0.5
@@ -112,7 +108,6 @@ def geometry_model(
     """
     m = len(geometry.experts)
     beta, gamma = geometry.effects()
-    consensus = ", and the sign election, which depends on the subset" if approximate else ""
     return PoolModel(
         group=dict(group),
         experts=geometry.experts,
@@ -125,17 +120,39 @@ def geometry_model(
         dof=float("inf"),
         level=level,
         log_evidence=float("nan"),
-        records=FittedRecords(*(np.zeros((0, m), dtype=bool),), *(np.zeros(0),) * 4),
+        records=FittedRecords(np.zeros((0, m), dtype=bool), *(np.zeros(0),) * 4),
         source={
             "kind": "geometry",
             "curvature": curvature,
             "curvature_sample": curvature_sample,
             "approximate": approximate,
-            "note": SECOND_ORDER_NOTE.format(consensus=consensus),
+            "note": second_order_note(approximate, calibrated=False),
             "calibration": None,
             "warnings": [],
         },
     )
+
+
+def second_order_note(approximate: bool, *, calibrated: bool) -> str:
+    """What a geometry model's answers ignore, and whether merges calibrated it."""
+    ignored = "terms beyond second order in the task vectors" + (
+        CONSENSUS_NOTE if approximate else ""
+    )
+    status = (
+        "calibrated on measured merges"
+        if calibrated
+        else "no interval without calibration merges (--calibrate)"
+    )
+    return (
+        f"second-order prediction from the loss's gradient and curvature at the base: it "
+        f"ignores {ignored}; {status}"
+    )
+
+
+def calibration_sizes(m: int) -> list[int]:
+    """The sizes calibration merges take after every expert alone, in the order they are
+    filled: the full pool, pairs, half-pool merges."""
+    return [k for k in dict.fromkeys((m, 2, (m + 1) // 2)) if 1 < k <= m]
 
 
 def calibration_subsets(experts: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, ...]]:
@@ -149,7 +166,7 @@ def calibration_subsets(experts: Sequence[str], n: int, seed: int = 0) -> list[t
             the calibration sizes hold.
     """
     m = len(experts)
-    sizes = [k for k in dict.fromkeys((m, 2, (m + 1) // 2)) if 1 < k <= m]
+    sizes = calibration_sizes(m)
     if n < m + 2:
         raise PoolModelError(
             f"--calibrate {n}: calibrating needs the {m} experts alone and merges of two other "
@@ -207,15 +224,13 @@ def calibrate(prior: PoolModel, records: PoolRecords, level: float | None = None
     expected = prior.predict(records.members).mean
     residual = replace(records, ce=records.ce - expected)
     correction = posterior(residual, choose_law(size_stats(records.members, residual.ce)), level)
-    m = prior.m
-    theta = np.concatenate(
-        [prior.theta[:2] + correction.theta[:2], prior.theta[2:] + correction.theta[2:]]
-    )
     fitted = correction.records
     model = replace(
         correction,
-        curve=Curve.law(range(1, m + 1), correction.curve.b),
-        theta=theta,
+        # Both are [L_inf, A, beta, gamma]: the prior's level is flat (A = 0), so the sum is the
+        # corrected model at the correction's b.
+        curve=Curve.law(range(1, prior.m + 1), correction.curve.b),
+        theta=prior.theta + correction.theta,
         records=FittedRecords(
             records.members,
             records.ce,
@@ -229,8 +244,7 @@ def calibrate(prior: PoolModel, records: PoolRecords, level: float | None = None
         model,
         source={
             **prior.source,
-            "note": prior.source["note"].split("; no interval")[0]
-            + "; calibrated on measured merges",
+            "note": second_order_note(prior.source["approximate"], calibrated=True),
             "calibration": summary,
             "warnings": _warnings(model, prior, records, expected, summary),
         },
