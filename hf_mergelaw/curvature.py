@@ -214,11 +214,7 @@ def _evenly_spaced(eval_set: EvalSet, share: float) -> EvalSet:
     """``share`` of the sequences (at least one), evenly spaced over the length-sorted set."""
     count = max(1, round(share * len(eval_set)))
     rows = np.unique(np.linspace(0, len(eval_set) - 1, count).round().astype(int))
-    return EvalSet(
-        input_ids=tuple(eval_set.input_ids[i] for i in rows),
-        labels=tuple(eval_set.labels[i] for i in rows),
-        domains=None,
-    )
+    return _sequences(eval_set, rows.tolist())
 
 
 def _check_curvature(curvature: str) -> None:
@@ -371,15 +367,19 @@ def _domain_subsets(eval_set: EvalSet) -> dict[str, EvalSet]:
     """Each domain's sequences as an eval set of their own (still longest first), sorted by name."""
     if eval_set.domains is None:
         return {WHOLE_SET: eval_set}
-    subsets = {}
-    for domain in sorted(set(eval_set.domains)):
-        rows = [i for i, d in enumerate(eval_set.domains) if d == domain]
-        subsets[domain] = EvalSet(
-            input_ids=tuple(eval_set.input_ids[i] for i in rows),
-            labels=tuple(eval_set.labels[i] for i in rows),
-            domains=None,
-        )
-    return subsets
+    return {
+        domain: _sequences(eval_set, [i for i, d in enumerate(eval_set.domains) if d == domain])
+        for domain in sorted(set(eval_set.domains))
+    }
+
+
+def _sequences(eval_set: EvalSet, rows: Sequence[int]) -> EvalSet:
+    """The sequences ``rows`` (in their order) as an eval set without domains."""
+    return EvalSet(
+        input_ids=tuple(eval_set.input_ids[i] for i in rows),
+        labels=tuple(eval_set.labels[i] for i in rows),
+        domains=None,
+    )
 
 
 def _batches(

@@ -564,9 +564,10 @@ def _resampled_statistics(
     """
     out = np.empty((n_boot, len(cells)))
     single_var = _single_merge_variance(cells)
+    fpcs = _finite_pool_scale(cells, pool_size) ** 2
     for j, values in enumerate(cells.values):
         n = values.size
-        fpc = _finite_pool_scale(cells, pool_size)[j] ** 2
+        fpc = fpcs[j]
         if n == 1:
             spread = np.sqrt(single_var[j] * fpc)
             out[:, j] = values[0] + spread * rng.standard_normal(n_boot)
