@@ -122,7 +122,11 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, restart: bool = Fal
 
 def check_output(config: SweepConfig) -> None:
     """Refuse an output that is not a sweep's records file, or one another sweep is writing,
-    before anything slow runs."""
+    before anything slow runs. Only the launch's first process checks: under torchrun or
+    accelerate every rank runs this at once, and the ranks of one sweep would find each other
+    holding the lock. (The launcher's RANK, not accelerate's state: nothing is initialised yet.)"""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     with RecordStore(config.output).exclusive():
         pass
 
