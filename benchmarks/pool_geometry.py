@@ -221,7 +221,8 @@ def render(rows: list[dict[str, Any]], where: str) -> str:
     lines = [
         "# The geometry pool model against every subset merged",
         "",
-        f"Setting: {where}. Command: `PYTHONPATH=. python benchmarks/pool_geometry.py`.",
+        f"Setting: {where}. Date: {time.strftime('%Y-%m-%d')}. "
+        "Command: `PYTHONPATH=. python benchmarks/pool_geometry.py --work /tmp/geometry-bench`.",
         "",
         "## Zero merges",
         "",
