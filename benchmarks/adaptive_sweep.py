@@ -7,8 +7,14 @@ design can be replayed and every subset it did not merge scored. Per method (its
 - balanced: `--per-k` subsets per k (benchmarks/pool_model.py's design_mask, strategy "balanced");
 - adaptive at each `--budgets` value: `hf_mergelaw.adaptive.next_round`, the function
   `sweep_pool` calls between rounds, with one pick per round (one rank); a "merge" looks up the
-  subset's measured record in the table. It stops at the budget or when the answer is settled.
+  subset's measured record in the table. It stops at the budget or when the answer is settled;
+- the same with each of `--prior-kinds` (`sampling.prior` of an adaptive sweep: `weights`, the
+  default, and `curvature`; `hf_mergelaw.priors` on the demo's cached pool, which must be the
+  pool the table was measured on): `--prior-balanced-per-k` and `--prior-budgets`. Designs with
+  a prior are fitted and scored with it. Every method gets every prior here, also where an
+  adaptive sweep leaves it out (TIES's weight prior: `priors.has_prior`), to show why.
 
+The reference is the issue's: the balanced design of `--reference-per-k`, fitted without a prior.
 Each design's pool model (f(k) free) is scored as benchmarks/pool_model.py scores it (R^2 of the
 within-k deviations and coverage of the `--level` intervals on every subset the design did not
 merge; for k = 2..M-1 the share of the size's measured CEs below the chosen best subset), and its
@@ -17,8 +23,8 @@ intervals). The same designs are scored on each domain's curve (fitted on the sa
 
 Run from the repository root:
   hf-mergelaw demo --subsets all -o /tmp/demo-all --no-progress
-  OPENBLAS_NUM_THREADS=1 python benchmarks/adaptive_sweep.py /tmp/demo-all/records.jsonl \\
-      --machine "2-core CPU"
+  OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/adaptive_sweep.py \\
+      /tmp/demo-all/records.jsonl --machine "2-core CPU"
 writes benchmarks/results/adaptive_sweep_cpu_<date>.json and .md.
 """
 
@@ -37,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy
+import torch
+from pool_geometry import merge_eval_seconds
 from pool_model import TOP_SHARE, design_mask, min_mean_max, restricted, score_model
 from results_io import save_results
 
@@ -47,9 +55,28 @@ from hf_mergelaw.adaptive import (
     next_round,
     start_counts,
 )
+from hf_mergelaw.demo.pool import build_or_load_pool, default_cache_dir
+from hf_mergelaw.demo.run import demo_corpus, demo_eval_set
+from hf_mergelaw.demo.settings import FULL
+from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.files import read_jsonl
-from hf_mergelaw.pool_model import PoolRecords, coverage, fit_pool, pool_curve, pool_records
+from hf_mergelaw.pool_model import (
+    EffectPrior,
+    PoolRecords,
+    coverage,
+    fit_pool,
+    pool_curve,
+    pool_records,
+)
+from hf_mergelaw.priors import (
+    CURVATURE_SAMPLE,
+    FEATURES,
+    has_prior,
+    pool_curvature_prior,
+    pool_weight_prior,
+)
 from hf_mergelaw.record_schema import CROSS_DOMAIN
+from hf_mergelaw.sweep_methods import MethodSpec
 
 REPO = Path(__file__).resolve().parents[1]
 # The issue's accuracy targets (fitted on the 64-subset balanced sweep): R^2 within k per
@@ -63,7 +90,12 @@ STOPS = {"budget": "budget", "settled": "settled", "every": "all merged"}
 
 
 def replay(
-    table: list[dict], method: str, experts: list[str], budget: int, seed: int
+    table: list[dict],
+    method: str,
+    experts: list[str],
+    budget: int,
+    seed: int,
+    prior: EffectPrior | None,
 ) -> tuple[list[dict], str, int]:
     """An adaptive sweep of ``method`` with merges looked up in ``table``: its records, why it
     stopped, and its rounds."""
@@ -73,7 +105,14 @@ def replay(
     rounds = 0
     while True:
         step = next_round(
-            records, method=method, experts=experts, ks=ks, budget=budget, count=1, seed=seed
+            records,
+            method=method,
+            experts=experts,
+            ks=ks,
+            budget=budget,
+            count=1,
+            seed=seed,
+            prior=prior,
         )
         if step.stop is not None:
             return records, step.stop, rounds
@@ -88,9 +127,11 @@ def mask_of(group: PoolRecords, records: list[dict]) -> np.ndarray:
     return mask
 
 
-def score(group: PoolRecords, mask: np.ndarray, level: float, draws: int) -> dict:
+def score(
+    group: PoolRecords, mask: np.ndarray, level: float, draws: int, prior: EffectPrior | None
+) -> dict:
     """benchmarks/pool_model.py's scores, and the pool curve against every subset's mean."""
-    model = fit_pool(restricted(group, mask), level=level)
+    model = fit_pool(restricted(group, mask), level=level, prior=prior)
     out = score_model(group, mask, model, draws)
     curve = pool_curve(model)
     truth = np.array([group.ce[group.k == point.k].mean() for point in curve])
@@ -118,9 +159,46 @@ def summarise(label: str, scores: list[dict], extra: dict) -> dict:
     }
 
 
+def method_config(table: list[dict], label: str) -> dict:
+    """The sweep config entry of the table's method ``label``."""
+    record = next(r for r in table if r["method"] == label)
+    return {"name": record["method_name"], **record["params"]}
+
+
+def method_priors(table: list[dict], kinds: list[str]) -> dict[tuple[str, str], dict]:
+    """Each (prior kind, method)'s prior and the seconds it took, from the demo's cached pool
+    (built if missing) and its eval data, as an adaptive sweep of the demo would compute them."""
+    if not kinds:
+        return {}
+    corpus = demo_corpus(FULL)
+    files = build_or_load_pool(FULL.pool, corpus, default_cache_dir(), progress=False)
+    pool = ExpertPool(files.base_dir, files.experts, device="cpu", dtype=torch.float32)
+    eval_set = demo_eval_set(files.base_dir, corpus, FULL)
+    singles = [(name,) for name in sorted(pool.names)]
+    specs = {r["method"]: MethodSpec.from_config(method_config(table, r["method"])) for r in table}
+    out = {}
+    for kind in kinds:
+        for label, spec in specs.items():
+            start = time.perf_counter()
+            # Each prior on every method, TIES's weight prior too (which an adaptive sweep
+            # leaves out: priors.has_prior), so the rows show what it would do.
+            prior = (
+                pool_weight_prior(pool, spec)
+                if kind == "weights"
+                else pool_curvature_prior(
+                    pool, eval_set, spec, batch_size=FULL.sweep.eval_batch_size
+                )
+            )
+            seconds = time.perf_counter() - start
+            merge_s = merge_eval_seconds(pool, eval_set, spec, singles) / len(singles)
+            out[kind, label] = {"prior": prior, "seconds": seconds, "merge_eval_s": merge_s}
+    return out
+
+
 def study(path: Path, args: argparse.Namespace) -> list[dict]:
     table = [record for _, record in read_jsonl(path)]
     groups = pool_records(table)
+    priors = method_priors(table, args.prior_kinds)
     out = []
     for group in groups:
         if group.group["domain"] != CROSS_DOMAIN:
@@ -132,9 +210,13 @@ def study(path: Path, args: argparse.Namespace) -> list[dict]:
                 "needs a sweep of every subset (hf-mergelaw demo --subsets all)"
             )
         domains = [g for g in groups if g.group["method"] == method and g is not group]
-        designs = [("balanced", per_k, None) for per_k in args.balanced_per_k]
-        designs += [("adaptive", None, budget) for budget in args.budgets]
-        for kind, per_k, budget in designs:
+        designs = [("balanced", per_k, None, None) for per_k in args.balanced_per_k]
+        designs += [("adaptive", None, budget, None) for budget in args.budgets]
+        for prior_kind in args.prior_kinds:
+            designs += [("balanced", n, None, prior_kind) for n in args.prior_balanced_per_k]
+            designs += [("adaptive", None, n, prior_kind) for n in args.prior_budgets]
+        for kind, per_k, budget, prior_kind in designs:
+            prior = None if prior_kind is None else priors[prior_kind, method]["prior"]
             start = time.perf_counter()
             scores, domain_scores, stops, rounds = [], [], Counter(), []
             for seed in range(args.designs):
@@ -142,17 +224,30 @@ def study(path: Path, args: argparse.Namespace) -> list[dict]:
                     mask = design_mask(group, per_k, seed)
                 else:
                     records, stop, n_rounds = replay(
-                        table, method, list(group.experts), budget, seed
+                        table, method, list(group.experts), budget, seed, prior
                     )
                     mask = mask_of(group, records)
                     stops[STOPS[stop.split()[0]]] += 1
                     rounds.append(n_rounds)
-                scores.append(score(group, mask, args.level, args.draws))
-                domain_scores += [score(d, mask, args.level, args.draws) for d in domains]
+                scores.append(score(group, mask, args.level, args.draws, prior))
+                domain_scores += [score(d, mask, args.level, args.draws, prior) for d in domains]
             label = (
                 f"balanced, {per_k} per k" if kind == "balanced" else f"adaptive, budget {budget}"
-            )
-            extra = {"method": method, "experts": m, "kind": kind, "per_k": per_k, "budget": budget}
+            ) + ("" if prior_kind is None else f", {prior_kind} prior")
+            extra = {
+                "method": method,
+                "experts": m,
+                "kind": kind,
+                "per_k": per_k,
+                "budget": budget,
+                "prior": prior_kind,
+                "sweep_uses_prior": prior_kind is None
+                or has_prior(prior_kind, MethodSpec.from_config(method_config(table, method))),
+                **{
+                    f"prior_{key}": None if prior_kind is None else priors[prior_kind, method][key]
+                    for key in ("seconds", "merge_eval_s")
+                },
+            }
             if kind == "adaptive":
                 extra |= {"stops": dict(stops), "rounds_mean": float(np.mean(rounds))}
             row = summarise(label, scores, extra)
@@ -183,20 +278,25 @@ def matches(row: dict, reference: dict) -> dict[str, bool]:
 
 
 def verdicts(rows: list[dict], reference_per_k: int) -> list[dict]:
-    """Per method: the fewest adaptive merges (the most over seeds, at the first budget tried
-    that does it) that match the reference balanced design, score by score, and that meet the
-    issue's targets; and the fewest balanced merges that meet them."""
+    """Per method and prior: the fewest adaptive merges (the most over seeds, at the first
+    budget tried that does it) that match the reference balanced design (no prior), score by
+    score, and that meet the issue's targets; and the fewest balanced merges that meet them."""
     out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method, prior in dict.fromkeys((r["method"], r["prior"]) for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["merges_max"])
         reference = next(
-            r for r in mine if r["kind"] == "balanced" and r["per_k"] == reference_per_k
+            r
+            for r in mine
+            if r["kind"] == "balanced" and r["per_k"] == reference_per_k and r["prior"] is None
         )
+        mine = [r for r in mine if r["prior"] == prior]
         adaptive = [r for r in mine if r["kind"] == "adaptive"]
         balanced = [r for r in mine if r["kind"] == "balanced"]
         out.append(
             {
                 "method": method,
+                "prior": prior or "none",
+                "sweep_uses_prior": mine[0]["sweep_uses_prior"],
                 "reference": reference["design"],
                 "reference_merges": reference["merges_max"],
                 "half": reference["merges_max"] / 2,
@@ -223,6 +323,9 @@ def main() -> None:
     parser.add_argument("--designs", type=int, default=20, help="seeds per design")
     parser.add_argument("--budgets", type=int, nargs="+", default=[28, 32, 36, 40, 45, 50, 57])
     parser.add_argument("--balanced-per-k", type=int, nargs="+", default=[4, 5, 6, 8])
+    parser.add_argument("--prior-kinds", nargs="*", default=["weights", "curvature"])
+    parser.add_argument("--prior-budgets", type=int, nargs="*", default=[20, 22, 24, 26, 28])
+    parser.add_argument("--prior-balanced-per-k", type=int, nargs="*", default=[3, 4, 8])
     parser.add_argument("--reference-per-k", type=int, default=8)
     parser.add_argument("--level", type=float, default=0.9)
     parser.add_argument("--draws", type=int, default=1000, help="posterior draws of select")
@@ -249,6 +352,14 @@ def main() -> None:
             "designs": args.designs,
             "budgets": args.budgets,
             "balanced_per_k": args.balanced_per_k,
+            "prior_budgets": args.prior_budgets,
+            "prior_balanced_per_k": args.prior_balanced_per_k,
+            "prior_kinds": args.prior_kinds,
+            "adaptive_start_with_prior": {
+                kind: start_counts(m, list(range(1, m + 1)), FEATURES[kind])
+                for kind in args.prior_kinds
+            },
+            "curvature_sample": CURVATURE_SAMPLE,
             "reference_per_k": args.reference_per_k,
             "adaptive_start": start_counts(m, list(range(1, m + 1))),
             "picks_per_round": 1,
@@ -277,6 +388,11 @@ def main() -> None:
 def render(result: dict) -> str:
     s = result["settings"]
     start = ", ".join(f"k={k}: {n}" for k, n in s["adaptive_start"].items())
+    prior_starts = "; ".join(
+        f"with the {kind} prior from {sum(counts.values())}: "
+        + ", ".join(f"k={k}: {n}" for k, n in counts.items())
+        for kind, counts in s["adaptive_start_with_prior"].items()
+    )
     lines = [
         "# adaptive_sweep: accuracy per merge, adaptive against balanced designs",
         "",
@@ -290,7 +406,7 @@ def render(result: dict) -> str:
         f"with {s['designs']} seeds. Balanced: `per_k` subsets per k (all of a size with fewer). "
         "Adaptive: `hf_mergelaw.adaptive.next_round`, what `sweep_pool` calls, one pick per "
         f"round, merges looked up in the table; it starts from {sum(s['adaptive_start'].values())} "
-        f"merges ({start}) and stops at the budget or when settled (p_best >= "
+        f"merges ({start}; {prior_starts}) and stops at the budget or when settled (p_best >= "
         f"{s['settled']['p_best']} at every size and pool-curve half-widths <= "
         f"{s['settled']['curve_half_width_of_fall']:.0%} of the curve's fall, or the best next "
         f"merge removing under {s['settled']['mean_score']:.0%} of the answers' variance on "
@@ -315,6 +431,24 @@ def render(result: dict) -> str:
             f"{r['best_in_top_share']:.2f} | {r['best_exact']:.2f} | {r['best_share_worst']:.3f} "
             f"| {r['curve_max_error_mean']:.4f} | {r['curve_coverage_mean']:.2f} | {stops} |"
         )
+    costs = {
+        (r["method"], r["prior"]): (r["prior_seconds"], r["prior_merge_eval_s"])
+        for r in result["designs"]
+        if r["prior"]
+    }
+    if costs:
+        lines += [
+            "",
+            "Cost of the priors on this machine (computed once per method before the first "
+            f"merge; the curvature from {s['curvature_sample']:g} of each domain's sequences; "
+            "float32 pool), against one merge-and-evaluate step timed right after it (the mean "
+            "over the experts alone): "
+            + "; ".join(
+                f"{method} {prior} {seconds:.1f} s = {seconds / step:.1f} steps of {step:.2f} s"
+                for (method, prior), (seconds, step) in costs.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         "## The same designs on each domain's curve (mean over the domains)",
@@ -340,9 +474,9 @@ def render(result: dict) -> str:
         + ", coverage in the band, best in the top 5% at every k. Merges: the largest over "
         "seeds at the first budget tried that meets it ('-': none of the budgets tried).",
         "",
-        "| method | reference (merges) | half | R^2 | coverage | best in top 5% | pool curve | "
-        "issue's targets: adaptive | issue's targets: balanced |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | prior (an adaptive sweep's?) | reference (merges) | half | R^2 | coverage | "
+        "best in top 5% | pool curve | issue's targets: adaptive | issue's targets: balanced |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in result["verdicts"]:
         first = v["adaptive_merges_to_match"]
@@ -351,7 +485,9 @@ def render(result: dict) -> str:
             return "-" if value is None else str(value)
 
         lines.append(
-            f"| {v['method']} | {v['reference']} ({v['reference_merges']}) | {v['half']:g} | "
+            f"| {v['method']} | {v['prior']} ({'yes' if v['sweep_uses_prior'] else 'no'}) | "
+            f"{v['reference']} ({v['reference_merges']}) | "
+            f"{v['half']:g} | "
             + " | ".join(cell(first[name]) for name in first)
             + f" | {cell(v['adaptive_merges_to_targets'])} | "
             f"{cell(v['balanced_merges_to_targets'])} |"

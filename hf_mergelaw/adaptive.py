@@ -13,6 +13,12 @@ stopped, and every rank of a multi-process sweep computes the same round::
     step.picks      # the subsets to merge now, in pool order; () once it stops
     step.stop       # why it stopped; None while it goes on
 
+With ``prior`` (``sampling.prior``: ``weights``, the default for the fused methods, or
+``curvature``; :mod:`hf_mergelaw.priors`) the pool model is fitted with a prior of the effects:
+the Gram of the experts' vectors, or the loss's second-order terms along them, predicts the
+interactions before any merge, so the start is smaller (a merge per expert beyond the curve and
+the prior's scales, not two) and each merge tells more.
+
 Settled means, once the method has a merge per parameter of the pool model and the fit has 10
 residual degrees of freedom: at every size with two or more subsets the best subset has p_best
 >= 0.9 and the pool curve's interval is narrow (half-width at most 5% of the curve's fall over the
@@ -30,6 +36,7 @@ from typing import Any
 
 from .errors import SweepConfigError
 from .pool_model import (
+    EffectPrior,
     PoolModel,
     PoolRecords,
     answer_targets,
@@ -68,8 +75,11 @@ class Round:
     stop: str | None = None
 
 
-def check_adaptive(num_experts: int, ks: Sequence[int], budget: int | None) -> None:
-    """Refuse an adaptive sweep the pool model cannot be fitted to within ``budget`` merges."""
+def check_adaptive(
+    num_experts: int, ks: Sequence[int], budget: int | None, features: int | None = None
+) -> None:
+    """Refuse an adaptive sweep the pool model cannot be fitted to within ``budget`` merges
+    (``features``: the prior's, None without one)."""
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise SweepConfigError(
             f"sampling.budget={budget!r}: an adaptive sweep needs a budget, a positive integer "
@@ -82,7 +92,7 @@ def check_adaptive(num_experts: int, ks: Sequence[int], budget: int | None) -> N
             f"from the interactions only across two or more sizes below the pool's "
             f"{num_experts} experts; k has {len(below)}. Widen k (e.g. k: 1-{num_experts})."
         )
-    needed = required_records(len(ks), num_experts)
+    needed = required_records(len(ks), num_experts, features=features)
     available = sum(math.comb(num_experts, k) for k in ks)
     if available < needed:
         raise SweepConfigError(
@@ -91,20 +101,26 @@ def check_adaptive(num_experts: int, ks: Sequence[int], budget: int | None) -> N
             "subsets; use strategy: all."
         )
     if budget < needed:
+        parts = (
+            f"an effect per expert and {num_experts - 1} more"
+            if features is None
+            else f"the weight prior's {features} scales and an effect per expert"
+        )
         raise SweepConfigError(
             f"sampling.budget={budget}: an adaptive sweep of {num_experts} experts at {len(ks)} "
             f"sizes needs {needed} merges per method before the pool model can choose any (a "
-            f"curve level per size, an effect per expert and {num_experts - 1} more); set budget "
-            f"to at least {needed}."
+            f"curve level per size, {parts}); set budget to at least {needed}."
         )
 
 
-def start_counts(num_experts: int, ks: Sequence[int]) -> dict[int, int]:
+def start_counts(
+    num_experts: int, ks: Sequence[int], features: int | None = None
+) -> dict[int, int]:
     """Subsets per size of the starting design: the pool model's minimum, dealt out one size at a
     time (smallest first) so every size gets its share, capped by its number of subsets (all of
     them, where the sizes hold fewer: :func:`check_adaptive` refuses such a sweep)."""
     counts = dict.fromkeys(sorted(ks), 0)
-    short = required_records(len(ks), num_experts)
+    short = required_records(len(ks), num_experts, features=features)
     while short > 0:
         open_sizes = [k for k in counts if counts[k] < math.comb(num_experts, k)][:short]
         if not open_sizes:
@@ -115,9 +131,11 @@ def start_counts(num_experts: int, ks: Sequence[int]) -> dict[int, int]:
     return counts
 
 
-def start_design(experts: Sequence[str], ks: Sequence[int], seed: int) -> list[tuple[str, ...]]:
+def start_design(
+    experts: Sequence[str], ks: Sequence[int], seed: int, features: int | None = None
+) -> list[tuple[str, ...]]:
     """The balanced design an adaptive sweep starts from, as subsets in pool order."""
-    counts = start_counts(len(experts), ks)
+    counts = start_counts(len(experts), ks, features)
     return [
         tuple(experts[i] for i in subset) for subset in balanced_design(len(experts), counts, seed)
     ]
@@ -132,6 +150,7 @@ def next_round(
     budget: int,
     count: int = 1,
     seed: int = 0,
+    prior: EffectPrior | None = None,
 ) -> Round:
     """The next round of ``method``'s adaptive sweep from the records measured so far.
 
@@ -143,6 +162,8 @@ def next_round(
         budget: the method's merges at most, those already recorded included.
         count: subsets per round after the starting design (one per rank).
         seed: seeds the starting design, the candidate sample of large pools and the draws.
+        prior: the method's effect prior (:func:`hf_mergelaw.priors.adaptive_prior`),
+            over ``experts`` sorted; None fits without one.
     """
     ks = sorted({int(k) for k in ks})
     rows = _method_rows(records, method, experts, ks)
@@ -150,10 +171,11 @@ def next_round(
     room = budget - len(rows)
     if room <= 0:
         return Round(len(rows), (), f"budget spent: {len(rows)} merges (budget {budget})")
-    start = [s for s in start_design(experts, ks, seed) if frozenset(s) not in merged]
+    features = None if prior is None else prior.size
+    start = [s for s in start_design(experts, ks, seed, features) if frozenset(s) not in merged]
     if start:
         return Round(len(rows), tuple(start[:room]))
-    model = fit_pool(_cross_domain(rows, experts))
+    model = fit_pool(_cross_domain(rows, experts), prior=prior)
     # Seeds the draws and the candidate sample; any integer seed, numpy wants one in [0, 2^32).
     round_seed = random.Random(f"adaptive-{seed}-{len(rows)}").getrandbits(32)
     # Below one merge per parameter the interactions rest on prior scales fitted to few merges,

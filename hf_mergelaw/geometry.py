@@ -20,8 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .cross_entropy import EvalSet
 from .curvature import CURVATURES, SecondOrder, lm_second_order
@@ -37,6 +36,7 @@ from .pool_model import (
     geometry_model,
     pool_records,
 )
+from .priors import float32_base, method_directions
 from .record_schema import CROSS_DOMAIN, WHOLE_SET
 from .sweep import Job, check_output, load_eval_set, load_pool, sweep_jobs
 from .sweep_config import SweepConfig
@@ -158,7 +158,7 @@ def method_models(
     geometries = {domain: _geometry(experts, part) for domain, part in terms.items()}
     if WHOLE_SET not in geometries:
         geometries[CROSS_DOMAIN] = PoolGeometry.mean(list(geometries.values()))
-    approximate = method.name in ("ties", "dare_ties", "breadcrumbs_ties")
+    approximate = method.elects_signs
     return [
         geometry_model(
             {"method": method.label, "domain": domain},
@@ -170,28 +170,6 @@ def method_models(
         )
         for domain, geometry in sorted(geometries.items())
     ]
-
-
-def method_directions(pool: ExpertPool, method: MethodSpec, expert: str) -> dict[str, torch.Tensor]:
-    """The float32 vector ``method`` adds for ``expert`` (times k), tensors it leaves alone
-    omitted. The pool's own task vectors where they are that already (a float32 pool's average),
-    else one float32 copy per expert: memory beyond the pool's is O(M x model) at most."""
-    untouched = pool.experts[expert].same_as_base
-    return {
-        name: pool.merged_vector(method, expert, name).float()
-        for name in pool.parameters
-        if name not in untouched
-    }
-
-
-def float32_base(pool: ExpertPool) -> PreTrainedModel:
-    """The base in float32 for derivatives: the pool's own model when it merges in float32,
-    else a float32 copy (second derivatives in bf16 keep ~3 significant digits)."""
-    if pool.dtype == torch.float32:
-        pool.restore_base()
-        return pool.model
-    model = AutoModelForCausalLM.from_pretrained(pool.base_path, dtype=torch.float32)
-    return model.to(pool.device).eval()
 
 
 def _geometry(experts: Sequence[str], part: SecondOrder) -> PoolGeometry:

@@ -34,6 +34,16 @@ from .errors import SweepConfigError
 from .eval_data import load_eval_columns
 from .experts import ExpertPool
 from .files import read_json
+from .pool_model import EffectPrior
+from .priors import (
+    adaptive_prior,
+    check_prior,
+    has_prior,
+    prior_features,
+    priors_path,
+    store_prior,
+    stored_prior,
+)
 from .provenance import (
     Provenance,
     eval_identity,
@@ -177,7 +187,10 @@ def sweep_pool(
     """
     ks = list(ks)
     if sampling.adaptive:
-        check_adaptive(len(pool.names), ks, sampling.budget)
+        check_prior(sampling.prior)
+        check_adaptive(
+            len(pool.names), ks, sampling.budget, prior_features(sampling.prior, methods)
+        )
     jobs = [] if sampling.adaptive else plan_jobs(methods, ks, pool.names, sampling)
     options = _Options(Path(output), batch_size, N, sampling.seed, progress, restart)
     with _session(pool, eval_set, methods, options) as recorder:
@@ -350,11 +363,12 @@ def _sweep_adaptively(
     planned = skipped = written = 0
     stopped = {}
     for method in methods:
-        step = _round(recorder, method, ks, sampling)
+        prior = _method_prior(recorder, method, sampling.prior)
+        step = _round(recorder, method, ks, sampling, prior)
         skipped += step.merged
         while step.stop is None:
             written += recorder.measure([Job(method, len(s), s) for s in step.picks])
-            step = _round(recorder, method, ks, sampling)
+            step = _round(recorder, method, ks, sampling, prior)
         planned += step.merged
         stopped[method.label] = step.stop
     return SweepSummary(
@@ -362,8 +376,34 @@ def _sweep_adaptively(
     )
 
 
+def _method_prior(recorder: _Recorder, method: MethodSpec, kind: str) -> EffectPrior | None:
+    """The method's prior, computed once by the main process and kept beside the records, so
+    every rank and every resumed run fits with the same numbers (a curvature computed on each
+    GPU need not agree to the last bit, and the picks follow every bit)."""
+    if not has_prior(kind, method):
+        return None
+    experts = sorted(recorder.pool.names)
+    if recorder.state.is_main_process and not stored_prior(
+        recorder.output, method.label, kind, experts
+    ):
+        prior = adaptive_prior(
+            recorder.pool,
+            method,
+            kind,
+            recorder.eval_set,
+            batch_size=recorder.options.batch_size,
+        )
+        store_prior(recorder.output, method.label, prior)
+    recorder.state.wait_for_everyone()
+    return stored_prior(recorder.output, method.label, kind, experts)
+
+
 def _round(
-    recorder: _Recorder, method: MethodSpec, ks: Sequence[int], sampling: SamplingConfig
+    recorder: _Recorder,
+    method: MethodSpec,
+    ks: Sequence[int],
+    sampling: SamplingConfig,
+    prior: EffectPrior | None,
 ) -> Round:
     return next_round(
         recorder.synchronized_records(),
@@ -373,6 +413,7 @@ def _round(
         budget=sampling.budget,
         count=recorder.state.num_processes,
         seed=sampling.seed,
+        prior=prior,
     )
 
 
@@ -407,15 +448,17 @@ def _claim(store: RecordStore, provenance: Provenance, methods: Sequence[MethodS
 
 
 def _move_aside(output: Path) -> Path | None:
-    """Rename the records (and their provenance) to ``<stem>.replaced-<time><suffix>``."""
+    """Rename the records (and their provenance and priors) to
+    ``<stem>.replaced-<time><suffix>``."""
     if not output.exists():
         return None
     RecordStore(output).check()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = output.with_name(f"{output.stem}.replaced-{stamp}{output.suffix}")
     os.replace(output, target)
-    if provenance_path(output).exists():
-        os.replace(provenance_path(output), provenance_path(target))
+    for sidecar in (provenance_path, priors_path):
+        if sidecar(output).exists():
+            os.replace(sidecar(output), sidecar(target))
     return target
 
 

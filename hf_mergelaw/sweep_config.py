@@ -14,6 +14,7 @@ methods: [{name: ties, density: 0.5, lambda: 1.0}, {name: average}]
 k: 1-9                            # or 1-3,8, a list [1, 2, 4], or one number
 sampling: {strategy: balanced | uniform | all | permutations, per_k: 20, seed: 0}
                                   # or {strategy: adaptive, budget: 60, seed: 0}: merges per method
+                                  #    prior: weights (default) | curvature | none
 output: results.jsonl
 device: auto
 dtype: bfloat16
@@ -35,6 +36,7 @@ from .adaptive import ADAPTIVE, check_adaptive
 from .errors import PoolError, SweepConfigError, UserError
 from .experts import named_experts
 from .k_values import parse_k
+from .priors import PRIORS, check_prior, prior_features
 from .subsets import STRATEGIES, check_all_subsets
 from .sweep_methods import MethodSpec
 
@@ -47,7 +49,7 @@ EVAL_KEYS = (
     "data", "split", "text_field", "prompt_field", "response_field", "domain_field",
     "max_length", "batch_size", "max_samples", "tokenizer",
 )  # fmt: skip
-SAMPLING_KEYS = ("strategy", "per_k", "seed", "budget")
+SAMPLING_KEYS = ("strategy", "per_k", "seed", "budget", "prior")
 SAMPLING_STRATEGIES = (*STRATEGIES, ADAPTIVE)
 
 
@@ -67,13 +69,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Which subsets a sweep merges. ``budget``: merges per method of an adaptive sweep
-    (:mod:`hf_mergelaw.adaptive`); ``per_k`` is for the other strategies."""
+    """Which subsets a sweep merges. ``budget``: merges per method of an adaptive sweep and
+    ``prior`` its pool model's prior (:mod:`hf_mergelaw.adaptive`); ``per_k`` is for the other
+    strategies."""
 
     strategy: str = "balanced"
     per_k: int = 20
     seed: int = 0
     budget: int | None = None
+    prior: str = "weights"
 
     @property
     def adaptive(self) -> bool:
@@ -159,7 +163,7 @@ def parse_sweep_config(raw: Any, root: Path = Path(".")) -> SweepConfig:
         except UserError as error:
             raise SweepConfigError(f"sampling: {error}") from None
     if sampling.adaptive:
-        check_adaptive(len(experts), ks, sampling.budget)
+        check_adaptive(len(experts), ks, sampling.budget, prior_features(sampling.prior, specs))
     device = str(section.get("device", "auto"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SweepConfigError(
@@ -261,11 +265,13 @@ def _sampling(value: Any) -> SamplingConfig:
         raise SweepConfigError(f"sampling.seed={sampling.seed!r} must be an integer.")
     if sampling.adaptive:
         _adaptive_keys(section)
-    elif "budget" in section:
-        raise SweepConfigError(
-            f"sampling.budget is for strategy 'adaptive', not {sampling.strategy!r}; remove it, "
-            "or set strategy: adaptive (then per_k does not apply)."
-        )
+    else:
+        for key in ("budget", "prior"):
+            if key in section:
+                raise SweepConfigError(
+                    f"sampling.{key} is for strategy 'adaptive', not {sampling.strategy!r}; "
+                    "remove it, or set strategy: adaptive (then per_k does not apply)."
+                )
     return sampling
 
 
@@ -282,6 +288,7 @@ def _adaptive_keys(section: Mapping[str, Any]) -> None:
             "sampling: strategy 'adaptive' needs budget: the most merges per method, e.g. "
             "{strategy: adaptive, budget: 60, seed: 0}."
         )
+    check_prior(section.get("prior", PRIORS[0]))
 
 
 def _method(entry: Any, index: int) -> MethodSpec:

@@ -75,6 +75,12 @@ class MethodSpec:
         return self.name in METHOD_PARAMETERS
 
     @property
+    def elects_signs(self) -> bool:
+        """Whether a subset's merge keeps each entry's majority sign (TIES and its kin): what an
+        expert adds then depends on the others, not a fixed vector of its own."""
+        return self.name in _CONSENSUS
+
+    @property
     def prepares_experts(self) -> bool:
         """Whether each expert's task vector is trimmed or dropped before merging."""
         return self.name in _PREPARED

@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
 from hf_mergelaw.errors import RecordsFileError, SweepConfigError
 from hf_mergelaw.experts import ExpertPool
+from hf_mergelaw.files import read_json
+from hf_mergelaw.priors import priors_path
 from hf_mergelaw.record_schema import records_by_domain
 from hf_mergelaw.record_store import RecordStore
 from hf_mergelaw.sweep import plan_jobs, run_sweep, sweep_pool
@@ -132,10 +134,21 @@ def _merges(records: list[dict]) -> dict[tuple[str, frozenset[str]], float]:
     return {(r["method"], frozenset(r["subset"])): r["ce"] for r in records}
 
 
+def stored_kinds(output: Path) -> dict[str, str]:
+    """The kind of prior an adaptive sweep kept beside its records, per method."""
+    if not priors_path(output).exists():
+        return {}
+    return {m: e["kind"] for m, e in read_json(priors_path(output), "priors")["priors"].items()}
+
+
+METHODS = ("average", "ties")
+
+
 def test_adaptive_sweep_merges_at_most_its_budget_of_fresh_subsets(tmp_path, family) -> None:
     config = load_sweep_config(sweep_yaml(tmp_path, family, sampling=ADAPTIVE))
     summary = run_sweep(config, progress=False)
     records = list(RecordStore(config.output))
+    assert stored_kinds(config.output) == {"average": "weights"}  # TIES's vectors do not add
     for method in ("average", "ties"):
         mine = [r for r in records if r["method"] == method]
         assert 10 <= len(mine) <= ADAPTIVE["budget"]
@@ -152,6 +165,20 @@ def test_adaptive_sweep_merges_at_most_its_budget_of_fresh_subsets(tmp_path, fam
     assert grown.skipped == len(records) and grown.planned == len(after) <= 2 * 13
     assert _merges(after).items() >= _merges(records).items()
     assert len(_merges(after)) == len(after)
+
+
+@pytest.mark.parametrize(("prior", "start"), [("curvature", 9), ("none", 10)])
+def test_adaptive_sweep_takes_the_prior_it_is_given(tmp_path, family, prior, start) -> None:
+    sampling = {**ADAPTIVE, "budget": start + 1, "prior": prior}
+    config = load_sweep_config(sweep_yaml(tmp_path, family, sampling=sampling))
+    summary = run_sweep(config, progress=False)
+    records = list(RecordStore(config.output))
+    assert summary.stopped == {m: f"budget spent: {start + 1} merges (budget {start + 1})"
+                               for m in ("average", "ties")}  # fmt: skip
+    assert len(records) == 2 * (start + 1)
+    assert stored_kinds(config.output) == ({} if prior == "none" else dict.fromkeys(METHODS, prior))
+    with pytest.raises(SweepConfigError, match=rf"needs {start} merges per method"):
+        load_sweep_config(sweep_yaml(tmp_path, family, sampling={**sampling, "budget": start - 1}))
 
 
 def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
@@ -206,6 +233,9 @@ def test_adaptive_sweep_from_python_checks_its_budget(family) -> None:
     sampling = SamplingConfig("adaptive", budget=9)
     with pytest.raises(SweepConfigError, match=r"needs 10 merges .* at least 10"):
         sweep_pool(pool, eval_set, methods=methods, ks=[1, 2, 3], sampling=sampling, output="o")
+    sampling = SamplingConfig("adaptive", budget=20, prior="gram")
+    with pytest.raises(SweepConfigError, match=r"sampling.prior='gram'; use one of weights, "):
+        sweep_pool(pool, eval_set, methods=methods, ks=[1, 2, 3], sampling=sampling, output="o")
 
 
 @pytest.mark.parametrize(
@@ -218,6 +248,8 @@ def test_adaptive_sweep_from_python_checks_its_budget(family) -> None:
         ({"strategy": "adaptive", "budget": 20, "per_k": 4}, r"per_k does not apply"),
         ({"strategy": "balanced", "budget": 20}, r"budget is for strategy 'adaptive'"),
         ({"strategy": "adaptiv", "budget": 20}, r"use one of .*permutations, adaptive"),
+        ({"strategy": "adaptive", "budget": 20, "prior": "gram"}, r"prior='gram'; use one of"),
+        ({"strategy": "uniform", "prior": "none"}, r"prior is for strategy 'adaptive'"),
     ],
 )
 def test_bad_adaptive_sampling_is_named_with_the_fix(tmp_path, family, sampling, message) -> None:

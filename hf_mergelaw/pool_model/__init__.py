@@ -27,7 +27,8 @@ Modules: ``records`` (sweep records to pools), ``design`` (the linear model), ``
 and swap search), ``selection`` (p_best, greedy order), ``acquisition`` (what to merge next),
 ``accuracy``, ``report`` (the pool file), ``plotting``, ``synthetic`` (pools with known effects),
 ``geometry`` (the model from the loss's gradient and curvature at the base, with no merge, and
-its calibration on a few merges).
+its calibration on a few merges), ``prior`` (effects' prior means from features known before a
+merge, such as the experts' weight-space Gram).
 """
 
 from .accuracy import coverage, shape_r2, spearman_within_k, within_k_r2
@@ -45,6 +46,7 @@ from .geometry import (
     geometry_model,
 )
 from .model import PoolModel, SubsetPrediction
+from .prior import EffectPrior, weight_prior
 from .records import PoolRecords, pool_records
 from .report import PoolReport
 from .search import best_subsets
@@ -54,6 +56,7 @@ from .synthetic import SyntheticPool, synthetic_pool
 __all__ = [
     "Curve",
     "CurvePoint",
+    "EffectPrior",
     "GreedyOrder",
     "Hyper",
     "Pick",
@@ -87,5 +90,6 @@ __all__ = [
     "spearman_within_k",
     "subset_moments",
     "synthetic_pool",
+    "weight_prior",
     "within_k_r2",
 ]

@@ -5,11 +5,13 @@ The model (see :mod:`.design`) is a Gaussian linear model::
     ce = Z theta + e,   e ~ N(0, sigma^2 k^-rho)          (misfit of one merge of size k)
     beta_i ~ N(0, tau_beta^2),  gamma_ij ~ N(0, tau_gamma^2),  curve part flat
 
-Zero is the exchangeable model (every expert alike, every pair alike: the pool's means of beta
-and gamma are absorbed by f(k)), so the priors shrink each expert's and each pair's effect toward
-it by as much as the data say. ``tau_beta``, ``tau_gamma`` and ``rho`` maximise the integrated
-likelihood (the parameters integrated out, the flat curve part included, ``sigma`` profiled),
-never a hand-set constant. With ``lambda = tau^2 / sigma^2`` and ``A = Z'WZ + diag(0, 1/lambda)``:
+(with an effect prior, :mod:`.prior`, beta and gamma are its features' flat-scaled sum plus
+these deviations). Zero is the exchangeable model (every expert alike, every pair alike: the
+pool's means of beta and gamma are absorbed by f(k)), so the priors shrink each expert's and
+each pair's effect toward it by as much as the data say. ``tau_beta``, ``tau_gamma`` and ``rho``
+maximise the integrated likelihood (the parameters integrated out, the flat part included,
+``sigma`` profiled), never a hand-set constant. With ``lambda = tau^2 / sigma^2`` and
+``A = Z'WZ + diag(0, 1/lambda)`` (q: the flat parameters):
 
     log p(ce) = -(n - q)/2 log sigma^2 + 1/2 sum log w - 1/2 log|Lambda| - 1/2 log|A| + const,
     sigma^2 = (ce'W ce - ce'WZ A^-1 Z'W ce) / (n - q)
@@ -24,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from scipy.optimize import minimize
 
 from .design import Curve, effect_design
+from .prior import EffectPrior
 
 # Search box of log(tau^2 / sigma^2) and of rho (noise falling as k^-rho, or growing a little).
 _LOG_LAMBDA_BOUNDS = (-25.0, 25.0)
@@ -82,14 +85,17 @@ class SizeStats:
     y_sum: np.ndarray
     yty: np.ndarray
     m: int
+    flat: int = 0  # leading columns of x with a flat prior (an effect prior's scales)
 
     @property
     def n_records(self) -> int:
         return int(self.n.sum())
 
 
-def size_stats(members: np.ndarray, ce: np.ndarray) -> SizeStats:
+def size_stats(members: np.ndarray, ce: np.ndarray, prior: EffectPrior | None = None) -> SizeStats:
     x = effect_design(members)
+    if prior is not None:
+        x = np.hstack([prior.columns(members), x])
     k = members.sum(axis=1)
     ks = np.unique(k)
     parts = [(x[k == size], ce[k == size]) for size in ks]
@@ -102,12 +108,14 @@ def size_stats(members: np.ndarray, ce: np.ndarray) -> SizeStats:
         y_sum=np.array([y.sum() for _, y in parts]),
         yty=np.array([y @ y for _, y in parts]),
         m=members.shape[1],
+        flat=0 if prior is None else prior.size,
     )
 
 
 @dataclass(frozen=True)
 class NormalEquations:
-    """``Z'WZ``, ``Z'W ce``, ``ce'W ce`` and ``sum log w`` at one rho and one curve."""
+    """``Z'WZ``, ``Z'W ce``, ``ce'W ce`` and ``sum log w`` at one rho and one curve; ``q``
+    parameters lead with a flat prior (the curve's, then an effect prior's scales)."""
 
     ztwz: np.ndarray
     ztwy: np.ndarray
@@ -132,7 +140,7 @@ def normal_equations(stats: SizeStats, curve: Curve, rho: float) -> NormalEquati
         ytwy=float(w @ stats.yty),
         sum_log_w=float(np.log(w) @ stats.n),
         n=stats.n_records,
-        q=curve.q,
+        q=curve.q + stats.flat,
         m=stats.m,
     )
 
@@ -185,7 +193,14 @@ def choose(stats: SizeStats, curve: Curve, start: np.ndarray | None = None) -> C
 
     def negative(u: np.ndarray) -> float:
         eq = normal_equations(stats, curve, u[2])
-        return -solve(eq, np.exp(u[0]), np.exp(u[1])).log_evidence
+        try:
+            return -solve(eq, np.exp(u[0]), np.exp(u[1])).log_evidence
+        except LinAlgError:
+            # The flat part is identified apart from the effects only through their prior (an
+            # effect prior's features are combinations of the effects' columns, the curve the
+            # mean of beta's): at scales this loose A is singular to working precision, a point
+            # the search leaves rather than the maximum.
+            return np.inf
 
     if start is None:
         grid = np.array(np.meshgrid(*_START_GRID, indexing="ij")).reshape(3, -1).T

@@ -26,6 +26,7 @@ from .design import CURVES, Curve, CurveKind, design
 from .errors import PoolModelError
 from .evidence import Choice, choose, choose_law, prior_precision, size_stats
 from .model import FittedRecords, PoolModel
+from .prior import EffectPrior
 from .records import DEFAULT_BY, PoolRecords, pool_records
 from .report import PoolReport
 
@@ -49,7 +50,13 @@ def fit_pools(
     return PoolReport(pools=[fit_pool(g, curve=curve, level=level) for g in groups], by=tuple(by))
 
 
-def fit_pool(records: PoolRecords, *, curve: CurveKind = "free", level: float = 0.9) -> PoolModel:
+def fit_pool(
+    records: PoolRecords,
+    *,
+    curve: CurveKind = "free",
+    level: float = 0.9,
+    prior: EffectPrior | None = None,
+) -> PoolModel:
     """Fit one group's pool model.
 
     Args:
@@ -57,33 +64,47 @@ def fit_pool(records: PoolRecords, *, curve: CurveKind = "free", level: float = 
         curve: ``"free"``, a level of f(k) per measured size, or ``"law"``, the per-size law
             ``L_inf + A/(k + b)`` (it predicts sizes the records did not measure, flagged).
         level: coverage of the intervals the model reports by default.
+        prior: features of the effects known before any merge (:mod:`.prior`, e.g. the experts'
+            weight-space Gram): the effects are shrunk toward their fitted combination instead
+            of toward zero, and ``source["prior"]`` records the fitted scales.
 
     Raises:
-        PoolModelError: records that cannot identify the model (see :func:`check_identifiable`).
+        PoolModelError: records that cannot identify the model (see :func:`check_identifiable`),
+            a prior over other experts.
     """
     if curve not in CURVES:
         raise PoolModelError(f"curve {curve!r}: use one of {', '.join(CURVES)}.")
     if not 0 < level < 1:
         raise PoolModelError(f"level {level}: an interval coverage lies in (0, 1), e.g. 0.9.")
-    check_identifiable(records, curve)
+    if prior is not None:
+        prior.check_pool(records.experts, records.label())
+    check_identifiable(records, curve, prior)
     # Many small factorisations: threaded BLAS only adds synchronisation, and on a loaded machine
     # a 2-thread OpenBLAS ran this 30-170x slower than one thread.
     with threadpool_limits(limits=1, user_api="blas"):
-        stats = size_stats(records.members, records.ce)
+        stats = size_stats(records.members, records.ce, prior)
         choice = (
             choose(stats, Curve.free(stats.ks.tolist())) if curve == "free" else choose_law(stats)
         )
-        return posterior(records, choice, level)
+        return posterior(records, choice, level, prior)
 
 
-def required_records(n_sizes: int, n_experts: int, curve: CurveKind = "free") -> int:
+def required_records(
+    n_sizes: int, n_experts: int, curve: CurveKind = "free", features: int | None = None
+) -> int:
     """Merges the model needs: a curve level per size (or the law's two), an effect per expert
-    beyond their mean, and as many again to tell the interactions from a merge's misfit."""
+    beyond their mean, and as many again to tell the interactions from a merge's misfit; with
+    a prior of ``features`` features, their scales and a merge per expert (the prior predicts
+    the interactions)."""
     q = n_sizes if curve == "free" else 2
+    if features is not None:
+        return q + features + n_experts
     return q + 2 * n_experts - 1
 
 
-def check_identifiable(records: PoolRecords, curve: CurveKind = "free") -> None:
+def check_identifiable(
+    records: PoolRecords, curve: CurveKind = "free", prior: EffectPrior | None = None
+) -> None:
     """Refuse records the model cannot be fitted to, saying what to merge."""
     label, m, k = records.label(), len(records.experts), records.k
     if m < 2:
@@ -110,18 +131,27 @@ def check_identifiable(records: PoolRecords, curve: CurveKind = "free") -> None:
             "interactions separate only across sizes. Merge two or more subsets at another "
             "size as well (e.g. k = 2 and k = 4)."
         )
-    needed = required_records(sizes.size, m, curve)
+    needed = required_records(sizes.size, m, curve, None if prior is None else prior.size)
     if len(records) < needed:
+        parts = (
+            f"a curve level per size, an effect per expert and {m} more to tell interactions "
+            "from misfit"
+            if prior is None
+            else f"a curve level per size, the prior's {prior.size} scales and an effect per expert"
+        )
         raise PoolModelError(
             f"{label}: {len(records)} merges cannot identify a pool model of {m} experts at "
-            f"{sizes.size} sizes: it needs at least {needed} (a curve level per size, an effect "
-            f"per expert and {m} more to tell interactions from misfit). Merge "
+            f"{sizes.size} sizes: it needs at least {needed} ({parts}). Merge "
             f"{needed - len(records)} more subsets at the measured sizes (strategy: balanced)."
         )
 
 
-def posterior(records: PoolRecords, choice: Choice, level: float) -> PoolModel:
-    """The posterior at the chosen prior scales, with every record's leave-one-out prediction."""
+def posterior(
+    records: PoolRecords, choice: Choice, level: float, prior: EffectPrior | None = None
+) -> PoolModel:
+    """The posterior at the chosen prior scales, with every record's leave-one-out prediction;
+    with an effect ``prior``, computed over its scales and the deviations, then folded into the
+    effects (so the model's parameters are ``[curve, beta, gamma]`` whatever the prior)."""
     eq, solution, hyper, curve = choice.equations, choice.solution, choice.hyper, choice.curve
     lower = solution.factor[0]
     a_inv = solve_triangular(lower, np.eye(lower.shape[0]), lower=True)
@@ -129,11 +159,13 @@ def posterior(records: PoolRecords, choice: Choice, level: float) -> PoolModel:
     covariance = solution.sigma2 * a_inv
     lam_beta = (hyper.tau_beta / hyper.sigma) ** 2
     lam_gamma = (hyper.tau_gamma / hyper.sigma) ** 2
-    precision = prior_precision(curve.q, eq.m, lam_beta, lam_gamma)
+    precision = prior_precision(eq.q, eq.m, lam_beta, lam_gamma)
     # Effective parameters: each shrunk direction counts for less than one.
     edf = a_inv.shape[0] - float(np.diag(a_inv) @ precision)
     dof = max(eq.n - edf, 1.0)
     z = design(curve, records.members)
+    if prior is not None:
+        z = np.hstack([z[:, : curve.q], prior.columns(records.members), z[:, curve.q :]])
     fitted = z @ solution.theta
     w = records.k.astype(float) ** hyper.rho  # each record's weight in the fit
     leverage = w * np.sum((z @ a_inv) * z, axis=1)
@@ -143,15 +175,21 @@ def posterior(records: PoolRecords, choice: Choice, level: float) -> PoolModel:
     rest = np.where(alone, np.nan, 1 - leverage)
     loo_mean = records.ce - (records.ce - fitted) / rest
     loo_sd = np.sqrt(solution.sigma2 / (w * rest))
+    theta, source = solution.theta, {"kind": "sweep"}
+    if prior is not None:
+        fold = prior.fold(curve.q)
+        source["prior"] = prior.describe(theta[curve.q : curve.q + prior.size])
+        theta, covariance = fold @ theta, fold @ covariance @ fold.T
     return PoolModel(
         group=dict(records.group),
         experts=records.experts,
         curve=curve,
         hyper=hyper,
-        theta=solution.theta,
+        theta=theta,
         covariance=covariance,
         dof=dof,
         level=level,
         log_evidence=solution.log_evidence,
         records=FittedRecords(records.members, records.ce, fitted, loo_mean, loo_sd),
+        source=source,
     )

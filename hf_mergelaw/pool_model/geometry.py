@@ -38,8 +38,11 @@ from .evidence import Hyper, choose_law, size_stats
 from .expectation import mean_row
 from .fit import posterior
 from .model import FittedRecords, PoolModel
+from .prior import EffectPrior, unit_scale
 from .records import PoolRecords
 
+# The features of a geometry's effect prior (:meth:`PoolGeometry.effect_prior`).
+GEOMETRY_FEATURES = ("beta ~ g_i + Q_ii / 2", "gamma ~ (Q_ij - (Q_ii + Q_jj) / 2) / 2")
 CONSENSUS_NOTE = ", and the sign election, which depends on the subset"
 # Singles whose measured change from the base the expansion misses by more than this share are
 # out of its regime.
@@ -89,6 +92,16 @@ class PoolGeometry:
         half_diagonal = np.diag(q) / 2
         i, j = pairs(len(self.experts))
         return self.gradient + half_diagonal, (q[i, j] - half_diagonal[i] - half_diagonal[j]) / 2
+
+    def effect_prior(self) -> EffectPrior:
+        """The second-order effects as a pool model's prior: ``beta`` and ``gamma`` each
+        shrunk toward its scaled prediction, the two scales fitted (the expansion's level and
+        misfit are the merges' to say, as in :func:`calibrate`)."""
+        beta, gamma = self.effects()
+        features = np.zeros((2, beta.size + gamma.size))
+        features[0, : beta.size] = beta / unit_scale(beta)
+        features[1, beta.size :] = gamma / unit_scale(gamma)
+        return EffectPrior(self.experts, features, GEOMETRY_FEATURES, "curvature")
 
 
 def geometry_model(
