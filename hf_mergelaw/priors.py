@@ -17,7 +17,6 @@ for them, and none for methods mergekit runs itself, which are not sums of per-e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,6 @@ from .cross_entropy import EvalSet
 from .curvature import lm_second_order
 from .errors import SweepConfigError
 from .experts import ExpertPool
-from .files import read_json, write_json
 from .pool_model import EffectPrior, PoolGeometry, weight_prior
 from .pool_model.geometry import GEOMETRY_FEATURES
 from .pool_model.prior import WEIGHT_FEATURES
@@ -40,20 +38,23 @@ FEATURES = {"weights": len(WEIGHT_FEATURES), "curvature": len(GEOMETRY_FEATURES)
 # Share of each domain's sequences the curvature prior is taken from: on the demo pool an eighth
 # kept the zero-merge shape R^2 at 0.99 for a fifth of the cost (pool_geometry results).
 CURVATURE_SAMPLE = 0.125
+GRAM_SLICE = 1 << 22  # entries per expert in one float64 product of the Gram
 
 
 @torch.no_grad()
 def weight_gram(pool: ExpertPool, method: MethodSpec, experts: list[str]) -> np.ndarray:
     """``G[i, j] = u_i . u_j`` over every tensor, the ``u_i`` the vectors ``method`` adds for
-    ``experts`` (in that order); memory beyond the pool's is one tensor's M vectors."""
+    ``experts`` (in that order), summed in float64 a slice at a time: memory beyond the pool's
+    is one tensor's M vectors and one float64 slice of them (a 7B embedding's M vectors in
+    float64 would be tens of GB)."""
     gram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
     for name in pool.parameters:
         if all(name in pool.experts[e].same_as_base for e in experts):
             continue
-        stacked = torch.stack(
-            [pool.merged_vector(method, e, name).flatten().double() for e in experts]
-        )
-        gram += (stacked @ stacked.T).cpu()
+        vectors = [pool.merged_vector(method, e, name).flatten() for e in experts]
+        for start in range(0, vectors[0].numel(), GRAM_SLICE):
+            part = torch.stack([v[start : start + GRAM_SLICE] for v in vectors]).double()
+            gram += (part @ part.T).cpu()
     return gram.numpy()
 
 
@@ -133,33 +134,6 @@ def prior_features(kind: str, methods: Sequence[MethodSpec]) -> int | None:
     if not all(has_prior(kind, method) for method in methods):
         return None
     return FEATURES[kind]
-
-
-def priors_path(records: Path) -> Path:
-    """Where an adaptive sweep keeps its methods' priors: beside its records."""
-    return records.with_name(f"{records.stem}.priors.json")
-
-
-def stored_prior(
-    records: Path, label: str, kind: str, experts: Sequence[str]
-) -> EffectPrior | None:
-    """Method ``label``'s prior of ``kind`` over ``experts`` as the sweep writing ``records``
-    stored it, or None (none stored, or one of another kind or pool)."""
-    path = priors_path(records)
-    if not path.exists():
-        return None
-    entry = read_json(path, "the sweep's priors file").get("priors", {}).get(label)
-    if entry is None or entry["kind"] != kind or tuple(entry["experts"]) != tuple(experts):
-        return None
-    return EffectPrior.from_dict(entry)
-
-
-def store_prior(records: Path, label: str, prior: EffectPrior) -> None:
-    """Keep method ``label``'s prior beside ``records`` (replacing an older one of it)."""
-    path = priors_path(records)
-    stored = read_json(path, "the sweep's priors file") if path.exists() else {"priors": {}}
-    stored["priors"][label] = prior.to_dict()
-    write_json(path, stored)
 
 
 def method_directions(pool: ExpertPool, method: MethodSpec, expert: str) -> dict[str, torch.Tensor]:

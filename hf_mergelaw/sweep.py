@@ -35,15 +35,8 @@ from .eval_data import load_eval_columns
 from .experts import ExpertPool
 from .files import read_json
 from .pool_model import EffectPrior
-from .priors import (
-    adaptive_prior,
-    check_prior,
-    has_prior,
-    prior_features,
-    priors_path,
-    store_prior,
-    stored_prior,
-)
+from .pool_model.prior import priors_path, store_prior, stored_prior
+from .priors import adaptive_prior, check_prior, has_prior, prior_features
 from .provenance import (
     Provenance,
     eval_identity,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_mergelaw import priors
 from hf_mergelaw.adaptive import check_adaptive, next_round, start_design
 from hf_mergelaw.cross_entropy import build_eval_set
 from hf_mergelaw.errors import SweepConfigError
@@ -28,17 +29,9 @@ from hf_mergelaw.pool_model import (
 )
 from hf_mergelaw.pool_model.design import pairs
 from hf_mergelaw.pool_model.geometry import GEOMETRY_FEATURES
-from hf_mergelaw.pool_model.prior import unit_scale
+from hf_mergelaw.pool_model.prior import priors_path, store_prior, stored_prior, unit_scale
 from hf_mergelaw.pool_model.synthetic import SyntheticPool
-from hf_mergelaw.priors import (
-    adaptive_prior,
-    pool_curvature_prior,
-    prior_features,
-    priors_path,
-    store_prior,
-    stored_prior,
-    weight_gram,
-)
+from hf_mergelaw.priors import adaptive_prior, pool_curvature_prior, prior_features, weight_gram
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 from hf_mergelaw.subsets import sample_subsets
 from hf_mergelaw.sweep_methods import MethodSpec
@@ -169,8 +162,12 @@ def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> ExpertPool:
     return ExpertPool(base, experts, device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("slice_size", [1 << 22, 1000])  # one slice per tensor, and many
 @pytest.mark.parametrize("config", [{"name": "average"}, {"name": "ties", "density": 0.5}])
-def test_the_weight_gram_is_that_of_the_vectors_the_method_adds(tiny_pool, config) -> None:
+def test_the_weight_gram_is_that_of_the_vectors_the_method_adds(
+    tiny_pool, config, slice_size, monkeypatch
+) -> None:
+    monkeypatch.setattr(priors, "GRAM_SLICE", slice_size)
     method = MethodSpec.from_config(config)
     names = sorted(tiny_pool.names)
     flat = torch.stack(

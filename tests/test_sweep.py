@@ -17,11 +17,12 @@ import torch
 from mergekit.merge_methods.api import merge_state_dicts
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from hf_mergelaw.cli import main
 from hf_mergelaw.cross_entropy import build_eval_set, cross_entropy
 from hf_mergelaw.errors import RecordsFileError, SweepConfigError
 from hf_mergelaw.experts import ExpertPool
 from hf_mergelaw.files import read_json
-from hf_mergelaw.priors import priors_path
+from hf_mergelaw.pool_model.prior import priors_path
 from hf_mergelaw.record_schema import records_by_domain
 from hf_mergelaw.record_store import RecordStore
 from hf_mergelaw.sweep import plan_jobs, run_sweep, sweep_pool
@@ -179,6 +180,21 @@ def test_adaptive_sweep_takes_the_prior_it_is_given(tmp_path, family, prior, sta
     assert stored_kinds(config.output) == ({} if prior == "none" else dict.fromkeys(METHODS, prior))
     with pytest.raises(SweepConfigError, match=rf"needs {start} merges per method"):
         load_sweep_config(sweep_yaml(tmp_path, family, sampling={**sampling, "budget": start - 1}))
+
+
+def test_pool_fit_fits_an_adaptive_sweeps_records_with_the_priors_it_kept(
+    tmp_path, family, capsys
+) -> None:
+    sampling = {**ADAPTIVE, "budget": 9, "prior": "curvature"}  # below the 10 of no prior
+    config = load_sweep_config(sweep_yaml(tmp_path, family, sampling=sampling))
+    run_sweep(config, progress=False)
+    capsys.readouterr()
+    assert main(["pool", "fit", str(config.output), "--json"]) == 0
+    pools = json.loads(capsys.readouterr().out)["pools"]
+    assert {p["source"]["prior"]["kind"] for p in pools} == {"curvature"}
+    assert {p["n_records"] for p in pools} == {9}
+    assert main(["pool", "fit", str(config.output), "--no-prior"]) == 2
+    assert "needs at least 10" in capsys.readouterr().err
 
 
 def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(

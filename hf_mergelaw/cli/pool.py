@@ -105,15 +105,28 @@ def _add_fit(commands: Any) -> None:
     p.add_argument(
         "--level", type=arguments.level, default=0.9, help="interval coverage (default 0.9)"
     )
+    p.add_argument(
+        "--no-prior",
+        action="store_true",
+        help="ignore the priors an adaptive sweep kept beside the records (RECORDS stem + "
+        ".priors.json; by default each method's groups are fitted with its prior, as the "
+        "sweep fitted them)",
+    )
     add_json_options(p, "the pool file (JSON)")
     p.set_defaults(handler=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
     from ..pool_model import fit_pools
+    from ..pool_model.prior import kept_priors
 
     report = fit_pools(
-        args.records, by=args.by, curve=args.curve, level=args.level, experts=args.experts
+        args.records,
+        by=args.by,
+        curve=args.curve,
+        level=args.level,
+        experts=args.experts,
+        priors=None if args.no_prior else kept_priors(Path(args.records)),
     )
     payload = report.to_dict()
     emit(args, payload, _fit_table(report, payload))
@@ -135,6 +148,9 @@ def _fit_table(report: PoolReport, payload: dict[str, Any]) -> str:
             f"{fmt(loo['r2_within_k'])}, {model.level:.0%} intervals cover "
             f"{fmt(loo['coverage'], 3)}"
         )
+        if "prior" in model.source:
+            scales = ", ".join(f"{k} x{fmt(v)}" for k, v in model.source["prior"]["scales"].items())
+            lines.append(f"   {model.source['prior']['kind']} prior: {scales}")
         interval = model.beta_interval()
         pct = f"{model.level:.0%}"
         for name, value in sorted(model.beta.items(), key=lambda item: item[1]):

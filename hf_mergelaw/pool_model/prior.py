@@ -17,17 +17,20 @@ The Gram costs one pass over the experts' weights and no forward pass
 (:func:`hf_mergelaw.priors.pool_weight_prior`). On the demo pool it lifts the held-out
 R^2 of Average's pool model from 0.94 to 0.99 at 29 merges (benchmarks/adaptive_sweep.py). The
 loss's own second-order effects are a sharper prior of the same kind
-(:meth:`.geometry.PoolGeometry.effect_prior`).
+(:meth:`.geometry.PoolGeometry.effect_prior`). An adaptive sweep keeps each method's prior
+beside its records (:func:`priors_path`), where ``pool fit`` finds it (:func:`kept_priors`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import read_json, write_json
 from .design import effect_design, pairs
 from .errors import PoolModelError
 
@@ -130,3 +133,39 @@ def unit_scale(values: np.ndarray) -> float:
     """The mean magnitude a feature is divided by (1 for an all-zero feature)."""
     scale = float(np.mean(np.abs(values))) if values.size else 0.0
     return scale if scale > 0 else 1.0
+
+
+def priors_path(records: Path) -> Path:
+    """Where an adaptive sweep keeps its methods' priors: beside its records."""
+    return records.with_name(f"{records.stem}.priors.json")
+
+
+def stored_prior(
+    records: Path, label: str, kind: str, experts: Sequence[str]
+) -> EffectPrior | None:
+    """Method ``label``'s prior of ``kind`` over ``experts`` as the sweep writing ``records``
+    stored it, or None (none stored, or one of another kind or pool)."""
+    path = priors_path(records)
+    if not path.exists():
+        return None
+    entry = read_json(path, "the sweep's priors file").get("priors", {}).get(label)
+    if entry is None or entry["kind"] != kind or tuple(entry["experts"]) != tuple(experts):
+        return None
+    return EffectPrior.from_dict(entry)
+
+
+def store_prior(records: Path, label: str, prior: EffectPrior) -> None:
+    """Keep method ``label``'s prior beside ``records`` (replacing an older one of it)."""
+    path = priors_path(records)
+    stored = read_json(path, "the sweep's priors file") if path.exists() else {"priors": {}}
+    stored["priors"][label] = prior.to_dict()
+    write_json(path, stored)
+
+
+def kept_priors(records: Path) -> dict[str, EffectPrior]:
+    """Every method's prior an adaptive sweep kept beside ``records`` (none: no such file)."""
+    path = priors_path(records)
+    if not path.exists():
+        return {}
+    stored = read_json(path, "the sweep's priors file")["priors"]
+    return {label: EffectPrior.from_dict(entry) for label, entry in stored.items()}
