@@ -28,6 +28,7 @@ from .errors import CommandError
 from .experts import ExpertPool, named_experts
 from .files import read_jsonl
 from .pool_model import (
+    EffectPrior,
     PoolGeometry,
     PoolModel,
     PoolReport,
@@ -36,7 +37,7 @@ from .pool_model import (
     geometry_model,
     pool_records,
 )
-from .priors import float32_base, method_directions
+from .priors import adaptive_prior, check_prior, float32_base, has_prior, method_directions
 from .record_schema import CROSS_DOMAIN, WHOLE_SET
 from .sweep import Job, check_output, load_eval_set, load_pool, sweep_jobs
 from .sweep_config import SweepConfig
@@ -119,6 +120,22 @@ def pool_geometry(
     pools = [calibrate(prior, groups[_key(prior.group)], level) for prior in priors]
     merge_eval_s = sum(r["merge_s"] + r["eval_s"] for r in records) / len(records)
     return GeometryRun(PoolReport(pools, BY), geometry_s, merge_eval_s, len(subsets))
+
+
+def config_priors(config: SweepConfig, kind: str) -> dict[str, EffectPrior]:
+    """Each method's prior of ``kind`` (``weights`` or ``curvature``) from a sweep YAML's pool,
+    as an adaptive sweep of it computes them (:func:`~.priors.adaptive_prior`), by label;
+    methods that take no such prior (:func:`~.priors.has_prior`) are left out."""
+    check_prior(kind)
+    methods = [method for method in config.methods if has_prior(kind, method)]
+    if not methods:
+        return {}
+    pool = load_pool(config)
+    eval_set = load_eval_set(config) if kind == "curvature" else None
+    return {
+        method.label: adaptive_prior(pool, method, kind, eval_set, config.eval.batch_size)
+        for method in methods
+    }
 
 
 def check_expressible(method: MethodSpec) -> None:

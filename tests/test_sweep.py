@@ -197,6 +197,32 @@ def test_pool_fit_fits_an_adaptive_sweeps_records_with_the_priors_it_kept(
     assert "needs at least 10" in capsys.readouterr().err
 
 
+def test_pool_fit_takes_a_prior_computed_from_the_sweeps_pool(tmp_path, family, capsys) -> None:
+    yaml_path = sweep_yaml(tmp_path, family)  # every subset of k = 1-3, average and TIES
+    config = load_sweep_config(yaml_path)
+    run_sweep(config, progress=False)
+    capsys.readouterr()
+    argv = ["pool", "fit", str(config.output), "--prior", "weights", "--sweep", str(yaml_path)]
+    assert main([*argv, "--json"]) == 0
+    pools = json.loads(capsys.readouterr().out)["pools"]
+    kinds = {(p["group"]["method"], p["source"].get("prior", {}).get("kind")) for p in pools}
+    assert kinds == {("average", "weights"), ("ties", None)}  # TIES takes no weight prior
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prior", "weights"], "--prior and --sweep go together"),
+        (["--prior", "weights", "--sweep", "{yaml}", "--no-prior"], "contradict each other"),
+    ],
+)
+def test_pool_fit_prior_options_are_checked(tmp_path, family, capsys, extra, message) -> None:
+    yaml_path = sweep_yaml(tmp_path, family)
+    argv = ["pool", "fit", "r.jsonl", *[a.format(yaml=yaml_path) for a in extra]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_killed_adaptive_sweep_resumes_to_the_merges_of_an_uninterrupted_one(
     tmp_path, family
 ) -> None:

@@ -112,21 +112,45 @@ def _add_fit(commands: Any) -> None:
         ".priors.json; by default each method's groups are fitted with its prior, as the "
         "sweep fitted them)",
     )
+    p.add_argument(
+        "--prior",
+        choices=("weights", "curvature"),
+        help="fit each method with this prior, computed from the pool of --sweep (weights: the "
+        "Gram of the experts' vectors, no forward pass; curvature: the loss's second-order "
+        "terms, from an eighth of the eval sequences); replaces a kept one",
+    )
+    p.add_argument(
+        "--sweep", metavar="SWEEP.yml", help="the sweep YAML whose pool the records merged"
+    )
     add_json_options(p, "the pool file (JSON)")
     p.set_defaults(handler=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from ..errors import CommandError
     from ..pool_model import fit_pools
     from ..pool_model.prior import kept_priors
 
+    if (args.prior is None) != (args.sweep is None):
+        raise CommandError(
+            "--prior and --sweep go together: the prior is computed from the pool of the sweep "
+            "YAML that produced the records (e.g. --prior weights --sweep sweep.yml)."
+        )
+    if args.prior is not None and args.no_prior:
+        raise CommandError("--prior and --no-prior contradict each other; give one.")
+    priors = {} if args.no_prior else kept_priors(Path(args.records))
+    if args.prior is not None:
+        from ..geometry import config_priors
+        from ..sweep_config import load_sweep_config
+
+        priors = config_priors(load_sweep_config(args.sweep), args.prior)
     report = fit_pools(
         args.records,
         by=args.by,
         curve=args.curve,
         level=args.level,
         experts=args.experts,
-        priors=None if args.no_prior else kept_priors(Path(args.records)),
+        priors=priors,
     )
     payload = report.to_dict()
     emit(args, payload, _fit_table(report, payload))

@@ -43,20 +43,18 @@ def fit_pools(
     priors: Mapping[str, EffectPrior] | None = None,
 ) -> PoolReport:
     """Fit a pool model to each group of a sweep's records (see :func:`fit_pool`); ``priors``:
-    an effect prior per method label, used for each of its groups over the prior's experts
-    (as an adaptive sweep keeps them: :func:`hf_mergelaw.priors.kept_priors`).
+    an effect prior per method label, used for each of its groups (as an adaptive sweep keeps
+    them: :func:`.prior.kept_priors`); a prior over other experts is an error.
 
     Every group must be identifiable: one group that is not is an error naming it, and nothing
     is returned (or written) for the others.
     """
     groups = pool_records(source, by=by, experts=experts)
     priors = priors or {}
-
-    def prior_of(group: PoolRecords) -> EffectPrior | None:
-        prior = priors.get(str(group.group.get("method")))
-        return prior if prior is not None and prior.experts == group.experts else None
-
-    pools = [fit_pool(g, curve=curve, level=level, prior=prior_of(g)) for g in groups]
+    pools = [
+        fit_pool(g, curve=curve, level=level, prior=priors.get(str(g.group.get("method"))))
+        for g in groups
+    ]
     return PoolReport(pools=pools, by=tuple(by))
 
 
