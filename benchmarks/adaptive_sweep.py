@@ -12,7 +12,7 @@ design can be replayed and every subset it did not merge scored. Per method (its
   default, and `curvature`; `hf_mergelaw.priors` on the demo's cached pool, which must be the
   pool the table was measured on): `--prior-balanced-per-k` and `--prior-budgets`. Designs with
   a prior are fitted and scored with it. Every method gets every prior here, also where an
-  adaptive sweep leaves it out (TIES's weight prior: `priors.has_prior`), to show why.
+  adaptive sweep leaves it out (TIES's weight prior: `adaptive.has_prior`), to show why.
 
 The reference is the issue's: the balanced design of `--reference-per-k`, fitted without a prior.
 Each design's pool model (f(k) free) is scored as benchmarks/pool_model.py scores it (R^2 of the
@@ -50,8 +50,10 @@ from results_io import save_results
 
 from hf_mergelaw.adaptive import (
     CURVE_SETTLED,
+    FEATURES,
     P_BEST_SETTLED,
     SCORE_SETTLED,
+    has_prior,
     next_round,
     start_counts,
 )
@@ -68,13 +70,7 @@ from hf_mergelaw.pool_model import (
     pool_curve,
     pool_records,
 )
-from hf_mergelaw.priors import (
-    CURVATURE_SAMPLE,
-    FEATURES,
-    has_prior,
-    pool_curvature_prior,
-    pool_weight_prior,
-)
+from hf_mergelaw.priors import CURVATURE_SAMPLE, pool_curvature_prior, pool_weight_prior
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 from hf_mergelaw.sweep_methods import MethodSpec
 
@@ -181,7 +177,7 @@ def method_priors(table: list[dict], kinds: list[str]) -> dict[tuple[str, str], 
         for label, spec in specs.items():
             start = time.perf_counter()
             # Each prior on every method, TIES's weight prior too (which an adaptive sweep
-            # leaves out: priors.has_prior), so the rows show what it would do.
+            # leaves out: adaptive.has_prior), so the rows show what it would do.
             prior = (
                 pool_weight_prior(pool, spec)
                 if kind == "weights"

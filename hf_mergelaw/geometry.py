@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from .adaptive import check_prior, has_prior
 from .cross_entropy import EvalSet
 from .curvature import CURVATURES, SecondOrder, lm_second_order
 from .errors import CommandError
@@ -37,7 +38,7 @@ from .pool_model import (
     geometry_model,
     pool_records,
 )
-from .priors import adaptive_prior, check_prior, float32_base, has_prior, method_directions
+from .priors import adaptive_prior, float32_base, method_directions
 from .record_schema import CROSS_DOMAIN, WHOLE_SET
 from .sweep import Job, check_output, load_eval_set, load_pool, sweep_jobs
 from .sweep_config import SweepConfig
@@ -125,7 +126,7 @@ def pool_geometry(
 def config_priors(config: SweepConfig, kind: str) -> dict[str, EffectPrior]:
     """Each method's prior of ``kind`` (``weights`` or ``curvature``) from a sweep YAML's pool,
     as an adaptive sweep of it computes them (:func:`~.priors.adaptive_prior`), by label;
-    methods that take no such prior (:func:`~.priors.has_prior`) are left out."""
+    methods that take no such prior (:func:`~.adaptive.has_prior`) are left out."""
     check_prior(kind)
     methods = [method for method in config.methods if has_prior(kind, method)]
     if not methods:

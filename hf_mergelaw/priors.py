@@ -11,30 +11,22 @@ share of the eval data)::
 For TIES-family methods the vectors are the trimmed ones each expert brings before the subset's
 sign election, so either prior is rougher there: an adaptive sweep takes only the curvature's
 for them, and none for methods mergekit runs itself, which are not sums of per-expert vectors
-(:func:`has_prior`).
+(:func:`hf_mergelaw.adaptive.has_prior`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
+from .adaptive import has_prior
 from .cross_entropy import EvalSet
 from .curvature import lm_second_order
-from .errors import SweepConfigError
 from .experts import ExpertPool
 from .pool_model import EffectPrior, PoolGeometry, weight_prior
-from .pool_model.geometry import GEOMETRY_FEATURES
-from .pool_model.prior import WEIGHT_FEATURES
 from .sweep_methods import MethodSpec
 
-# sampling.prior of an adaptive sweep, the default first.
-PRIORS = ("weights", "curvature", "none")
-NO_PRIOR = "none"
-FEATURES = {"weights": len(WEIGHT_FEATURES), "curvature": len(GEOMETRY_FEATURES)}
 # Share of each domain's sequences the curvature prior is taken from: on the demo pool an eighth
 # kept the zero-merge shape R^2 at 0.99 for a fifth of the cost (pool_geometry results).
 CURVATURE_SAMPLE = 0.125
@@ -89,26 +81,6 @@ def pool_curvature_prior(
     return PoolGeometry.mean(parts).effect_prior()
 
 
-def check_prior(kind: object) -> None:
-    """Refuse a ``sampling.prior`` that is not one of :data:`PRIORS`."""
-    if kind not in PRIORS:
-        raise SweepConfigError(
-            f"sampling.prior={kind!r}; use one of {', '.join(PRIORS)} (weights: the experts' "
-            "weight-space Gram; curvature: the loss's second-order terms along their vectors; "
-            "none: no prior)."
-        )
-
-
-def has_prior(kind: str, method: MethodSpec) -> bool:
-    """Whether an adaptive sweep with ``sampling.prior: kind`` fits ``method`` with a prior:
-    never a method mergekit merges (not a sum of per-expert vectors), and the weight prior not
-    a sign-electing one (on the demo pool its Gram predicted nothing of TIES's interactions,
-    and the smaller start cost held-out R^2: 0.86 against 0.89 at 28 merges)."""
-    if kind == NO_PRIOR or not method.fused:
-        return False
-    return not (kind == "weights" and method.elects_signs)
-
-
 def adaptive_prior(
     pool: ExpertPool,
     method: MethodSpec,
@@ -118,7 +90,7 @@ def adaptive_prior(
 ) -> EffectPrior | None:
     """The prior an adaptive sweep fits ``method``'s pool model with (``kind``: the sweep's
     ``sampling.prior``; ``eval_set``: the sweep's, which the curvature prior needs), None where
-    it has none (:func:`has_prior`)."""
+    it has none (:func:`~.adaptive.has_prior`)."""
     if not has_prior(kind, method):
         return None
     if kind == "weights":
@@ -126,14 +98,6 @@ def adaptive_prior(
     if eval_set is None:
         raise ValueError("the curvature prior needs the eval set")
     return pool_curvature_prior(pool, eval_set, method, batch_size=batch_size)
-
-
-def prior_features(kind: str, methods: Sequence[MethodSpec]) -> int | None:
-    """The prior features every method's adaptive sweep has (None: some method has no prior,
-    so the start and the budget must identify the model without one)."""
-    if not all(has_prior(kind, method) for method in methods):
-        return None
-    return FEATURES[kind]
 
 
 def method_directions(pool: ExpertPool, method: MethodSpec, expert: str) -> dict[str, torch.Tensor]:
@@ -154,5 +118,7 @@ def float32_base(pool: ExpertPool) -> PreTrainedModel:
     if pool.dtype == torch.float32:
         pool.restore_base()
         return pool.model
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(pool.base_path, dtype=torch.float32)
     return model.to(pool.device).eval()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .adaptive import Round, check_adaptive, next_round
+from .adaptive import Round, check_adaptive, check_prior, has_prior, next_round, prior_features
 from .cross_entropy import EvalSet, build_eval_set, cross_entropy, fit_max_length
 from .errors import SweepConfigError
 from .eval_data import load_eval_columns
@@ -36,7 +36,7 @@ from .experts import ExpertPool
 from .files import read_json
 from .pool_model import EffectPrior
 from .pool_model.prior import priors_path, store_prior, stored_prior
-from .priors import adaptive_prior, check_prior, has_prior, prior_features
+from .priors import adaptive_prior
 from .provenance import (
     Provenance,
     eval_identity,

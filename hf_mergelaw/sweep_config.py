@@ -32,11 +32,10 @@ from typing import Any
 import torch
 import yaml
 
-from .adaptive import ADAPTIVE, check_adaptive
+from .adaptive import ADAPTIVE, PRIORS, check_adaptive, check_prior, prior_features
 from .errors import PoolError, SweepConfigError, UserError
 from .experts import named_experts
 from .k_values import parse_k
-from .priors import PRIORS, check_prior, prior_features
 from .subsets import STRATEGIES, check_all_subsets
 from .sweep_methods import MethodSpec
 

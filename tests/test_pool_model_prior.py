@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_mergelaw import priors
-from hf_mergelaw.adaptive import check_adaptive, next_round, start_design
+from hf_mergelaw.adaptive import check_adaptive, next_round, prior_features, start_design
 from hf_mergelaw.cross_entropy import build_eval_set
 from hf_mergelaw.errors import SweepConfigError
 from hf_mergelaw.experts import ExpertPool
@@ -31,7 +31,7 @@ from hf_mergelaw.pool_model.design import pairs
 from hf_mergelaw.pool_model.geometry import GEOMETRY_FEATURES
 from hf_mergelaw.pool_model.prior import priors_path, store_prior, stored_prior, unit_scale
 from hf_mergelaw.pool_model.synthetic import SyntheticPool
-from hf_mergelaw.priors import adaptive_prior, pool_curvature_prior, prior_features, weight_gram
+from hf_mergelaw.priors import adaptive_prior, pool_curvature_prior, weight_gram
 from hf_mergelaw.record_schema import CROSS_DOMAIN
 from hf_mergelaw.subsets import sample_subsets
 from hf_mergelaw.sweep_methods import MethodSpec
