@@ -24,13 +24,12 @@ from transformers import PreTrainedModel
 
 from .adaptive import check_prior, has_prior
 from .cross_entropy import EvalSet
-from .curvature import CURVATURES, SecondOrder, lm_second_order
+from .curvature import CURVATURES
 from .errors import CommandError
 from .experts import ExpertPool, named_experts
 from .files import read_jsonl
 from .pool_model import (
     EffectPrior,
-    PoolGeometry,
     PoolModel,
     PoolReport,
     calibrate,
@@ -38,8 +37,7 @@ from .pool_model import (
     geometry_model,
     pool_records,
 )
-from .priors import adaptive_prior, float32_base, method_directions
-from .record_schema import CROSS_DOMAIN, WHOLE_SET
+from .priors import adaptive_prior, float32_base, method_geometries
 from .sweep import Job, check_output, load_eval_set, load_pool, sweep_jobs
 from .sweep_config import SweepConfig
 from .sweep_methods import MethodSpec
@@ -163,19 +161,15 @@ def method_models(
 ) -> list[PoolModel]:
     """One uncalibrated geometry model per domain of the eval set (and the cross-domain one);
     ``base``: the float32 base, when the caller already holds it (:func:`float32_base`)."""
-    experts = sorted(pool.names)
-    directions = [method_directions(pool, method, name) for name in experts]
-    terms = lm_second_order(
-        float32_base(pool) if base is None else base,
+    geometries = method_geometries(
+        pool,
         eval_set,
-        directions,
+        method,
         curvature=curvature,
         batch_size=batch_size,
         curvature_sample=curvature_sample,
+        base=base,
     )
-    geometries = {domain: _geometry(experts, part) for domain, part in terms.items()}
-    if WHOLE_SET not in geometries:
-        geometries[CROSS_DOMAIN] = PoolGeometry.mean(list(geometries.values()))
     approximate = method.elects_signs
     return [
         geometry_model(
@@ -188,10 +182,6 @@ def method_models(
         )
         for domain, geometry in sorted(geometries.items())
     ]
-
-
-def _geometry(experts: Sequence[str], part: SecondOrder) -> PoolGeometry:
-    return PoolGeometry(tuple(experts), part.loss, part.gradient, part.curvature)
 
 
 def _calibration_records(

@@ -25,6 +25,7 @@ from .cross_entropy import EvalSet
 from .curvature import lm_second_order
 from .experts import ExpertPool
 from .pool_model import EffectPrior, PoolGeometry, weight_prior
+from .record_schema import CROSS_DOMAIN, WHOLE_SET
 from .sweep_methods import MethodSpec
 
 # Share of each domain's sequences the curvature prior is taken from: on the demo pool an eighth
@@ -68,17 +69,41 @@ def pool_curvature_prior(
     """The second-order prior of ``method``'s cross-domain pool model: the Hessian terms along
     the method's vectors from ``curvature_sample`` of each domain's sequences, averaged over the
     domains as the cross-domain CE averages them."""
-    experts = sorted(pool.names)
+    geometries = method_geometries(
+        pool, eval_set, method, batch_size=batch_size, curvature_sample=curvature_sample
+    )
+    return geometries.get(CROSS_DOMAIN, geometries.get(WHOLE_SET)).effect_prior()
+
+
+def method_geometries(
+    pool: ExpertPool,
+    eval_set: EvalSet,
+    method: MethodSpec,
+    *,
+    curvature: str = "hessian",
+    batch_size: int = 8,
+    curvature_sample: float = 1.0,
+    base: PreTrainedModel | None = None,
+) -> dict[str, PoolGeometry]:
+    """Each domain's second-order terms along ``method``'s vectors (over the experts sorted),
+    and the cross-domain mean of them (``CROSS_DOMAIN``; an eval set without domains has the
+    ``WHOLE_SET`` alone); ``base``: the float32 base when the caller holds it already."""
+    experts = tuple(sorted(pool.names))
     terms = lm_second_order(
-        float32_base(pool),
+        float32_base(pool) if base is None else base,
         eval_set,
         [method_directions(pool, method, name) for name in experts],
-        curvature="hessian",
+        curvature=curvature,
         batch_size=batch_size,
         curvature_sample=curvature_sample,
     )
-    parts = [PoolGeometry(tuple(experts), t.loss, t.gradient, t.curvature) for t in terms.values()]
-    return PoolGeometry.mean(parts).effect_prior()
+    geometries = {
+        domain: PoolGeometry(experts, t.loss, t.gradient, t.curvature)
+        for domain, t in terms.items()
+    }
+    if WHOLE_SET not in geometries:
+        geometries[CROSS_DOMAIN] = PoolGeometry.mean(list(geometries.values()))
+    return geometries
 
 
 def adaptive_prior(

@@ -29,8 +29,8 @@ import numpy as np
 from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from scipy.optimize import minimize
 
-from .design import Curve, effect_design
-from .prior import EffectPrior
+from .design import Curve
+from .prior import EffectPrior, effect_columns
 
 # Search box of log(tau^2 / sigma^2) and of rho (noise falling as k^-rho, or growing a little).
 _LOG_LAMBDA_BOUNDS = (-25.0, 25.0)
@@ -93,9 +93,7 @@ class SizeStats:
 
 
 def size_stats(members: np.ndarray, ce: np.ndarray, prior: EffectPrior | None = None) -> SizeStats:
-    x = effect_design(members)
-    if prior is not None:
-        x = np.hstack([prior.columns(members), x])
+    x = effect_columns(members, prior)
     k = members.sum(axis=1)
     ks = np.unique(k)
     parts = [(x[k == size], ce[k == size]) for size in ks]

@@ -22,11 +22,11 @@ import numpy as np
 from scipy.linalg import solve_triangular
 from threadpoolctl import threadpool_limits
 
-from .design import CURVES, Curve, CurveKind, design
+from .design import CURVES, Curve, CurveKind
 from .errors import PoolModelError
 from .evidence import Choice, choose, choose_law, prior_precision, size_stats
 from .model import FittedRecords, PoolModel
-from .prior import EffectPrior
+from .prior import EffectPrior, effect_columns
 from .records import DEFAULT_BY, PoolRecords, pool_records
 from .report import PoolReport
 
@@ -171,9 +171,7 @@ def posterior(
     # Effective parameters: each shrunk direction counts for less than one.
     edf = a_inv.shape[0] - float(np.diag(a_inv) @ precision)
     dof = max(eq.n - edf, 1.0)
-    z = design(curve, records.members)
-    if prior is not None:
-        z = np.hstack([z[:, : curve.q], prior.columns(records.members), z[:, curve.q :]])
+    z = np.hstack([curve.basis(records.k), effect_columns(records.members, prior)])
     fitted = z @ solution.theta
     w = records.k.astype(float) ** hyper.rho  # each record's weight in the fit
     leverage = w * np.sum((z @ a_inv) * z, axis=1)

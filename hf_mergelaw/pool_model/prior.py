@@ -65,10 +65,6 @@ class EffectPrior:
     def size(self) -> int:
         return len(self.names)
 
-    def columns(self, members: np.ndarray) -> np.ndarray:
-        """(n, c) design columns of the flat scales for subsets ``members``."""
-        return effect_design(members) @ self.features.T
-
     def fold(self, q: int) -> np.ndarray:
         """The matrix taking ``[curve (q), eta (c), deviations]`` to ``[curve, effects]``."""
         width = self.features.shape[1]
@@ -108,6 +104,13 @@ class EffectPrior:
             "kind": self.kind,
             "scales": dict(zip(self.names, map(float, scales), strict=True)),
         }
+
+
+def effect_columns(members: np.ndarray, prior: EffectPrior | None) -> np.ndarray:
+    """The design columns after the curve's for subsets ``members``: the prior's scales first
+    (each feature's combination of the effect columns), then beta and the gamma pairs."""
+    x = effect_design(members)
+    return x if prior is None else np.hstack([x @ prior.features.T, x])
 
 
 def weight_prior(experts: Sequence[str], gram: np.ndarray) -> EffectPrior:
