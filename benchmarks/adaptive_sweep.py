@@ -54,9 +54,9 @@ from hf_mergelaw.adaptive import (
     P_BEST_SETTLED,
     SCORE_SETTLED,
     has_prior,
-    next_round,
     start_counts,
 )
+from hf_mergelaw.adaptive import replay as adaptive_replay
 from hf_mergelaw.demo.pool import build_or_load_pool, default_cache_dir
 from hf_mergelaw.demo.run import demo_corpus, demo_eval_set
 from hf_mergelaw.demo.settings import FULL
@@ -95,25 +95,17 @@ def replay(
 ) -> tuple[list[dict], str, int]:
     """An adaptive sweep of ``method`` with merges looked up in ``table``: its records, why it
     stopped, and its rounds."""
-    ks = range(1, len(experts) + 1)
     measured = {frozenset(r["subset"]): r for r in table if r["method"] == method}
-    records: list[dict] = []
-    rounds = 0
-    while True:
-        step = next_round(
-            records,
-            method=method,
-            experts=experts,
-            ks=ks,
-            budget=budget,
-            count=1,
-            seed=seed,
-            prior=prior,
-        )
-        if step.stop is not None:
-            return records, step.stop, rounds
-        records += [measured[frozenset(subset)] for subset in step.picks]
-        rounds += 1
+    run = adaptive_replay(
+        lambda picks, _: [measured[frozenset(subset)] for subset in picks],
+        method=method,
+        experts=experts,
+        ks=range(1, len(experts) + 1),
+        budget=budget,
+        seed=seed,
+        prior=prior,
+    )
+    return run.records, run.stop, len(run.rounds)
 
 
 def mask_of(group: PoolRecords, records: list[dict]) -> np.ndarray:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -237,6 +237,49 @@ def next_round(
         )
     order = {name: i for i, name in enumerate(experts)}
     return Round(len(rows), tuple(tuple(sorted(p.subset, key=order.__getitem__)) for p in picks))
+
+
+@dataclass(frozen=True)
+class Replay:
+    """An adaptive sweep run in one process: its records, its rounds and why it stopped."""
+
+    records: list[dict[str, Any]]
+    rounds: list[Round]
+    stop: str
+
+
+def replay(
+    measure: Callable[[tuple[tuple[str, ...], ...], int], list[dict[str, Any]]],
+    *,
+    method: str,
+    experts: Sequence[str],
+    ks: Sequence[int],
+    budget: int,
+    count: int = 1,
+    seed: int = 0,
+    prior: EffectPrior | None = None,
+) -> Replay:
+    """The rounds of :func:`next_round` with each round's merges done by ``measure`` (the picks
+    and the number of merges so far -> their records): a synthetic pool, or a table of merges
+    already measured, to try budgets and priors without merging (``sweep_pool`` runs the same
+    rounds on merged models and the records on disk)."""
+    records: list[dict[str, Any]] = []
+    rounds: list[Round] = []
+    while True:
+        step = next_round(
+            records,
+            method=method,
+            experts=experts,
+            ks=ks,
+            budget=budget,
+            count=count,
+            seed=seed,
+            prior=prior,
+        )
+        if step.stop is not None:
+            return Replay(records, rounds, step.stop)
+        rounds.append(step)
+        records += measure(step.picks, len(records))
 
 
 def _method_rows(

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from hf_mergelaw.adaptive import check_adaptive, next_round, start_counts, start_design
+from hf_mergelaw.adaptive import replay as adaptive_replay
 from hf_mergelaw.errors import SweepConfigError
 from hf_mergelaw.pool_model import required_records, synthetic_pool
 from hf_mergelaw.subsets import balanced_design
@@ -32,22 +33,16 @@ def measure(pool, subsets: list[tuple[str, ...]], seed: int) -> list[dict]:
 
 def replay(pool, budget: int, seed: int = 0, count: int = 1) -> tuple[list[dict], list, str]:
     """An adaptive sweep of the synthetic pool: its records, its rounds and why it stopped."""
-    records: list[dict] = []
-    rounds = []
-    while True:
-        step = next_round(
-            records,
-            method="average",
-            experts=pool.experts,
-            ks=KS,
-            budget=budget,
-            count=count,
-            seed=seed,
-        )
-        if step.stop is not None:
-            return records, rounds, step.stop
-        rounds.append(step)
-        records += measure(pool, list(step.picks), seed=len(records))
+    run = adaptive_replay(
+        lambda picks, merged: measure(pool, list(picks), seed=merged),
+        method="average",
+        experts=pool.experts,
+        ks=KS,
+        budget=budget,
+        count=count,
+        seed=seed,
+    )
+    return run.records, run.rounds, run.stop
 
 
 def test_start_design_is_the_minimum_balanced_over_sizes_and_experts(pool):

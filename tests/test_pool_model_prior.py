@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hf_mergelaw import priors
-from hf_mergelaw.adaptive import check_adaptive, next_round, prior_features, start_design
+from hf_mergelaw.adaptive import check_adaptive, prior_features, start_design
+from hf_mergelaw.adaptive import replay as adaptive_replay
 from hf_mergelaw.cross_entropy import build_eval_set
 from hf_mergelaw.errors import SweepConfigError
 from hf_mergelaw.experts import ExpertPool
@@ -221,15 +222,14 @@ def test_adaptive_sweeps_fit_without_a_prior_when_asked_or_when_mergekit_merges(
 def replay(pool: SyntheticPool, budget: int, prior: EffectPrior | None) -> list[dict]:
     """An adaptive sweep of the synthetic pool (one pick per round) to its budget."""
     index = {name: i for i, name in enumerate(pool.experts)}
-    records: list[dict] = []
-    while True:
-        step = next_round(
-            records, method="average", experts=pool.experts, ks=KS, budget=budget, prior=prior
-        )
-        if step.stop is not None:
-            return records
-        subsets = [sorted(index[name] for name in subset) for subset in step.picks]
-        records += pool.records(subsets, seed=len(records))
+
+    def measure(picks: tuple[tuple[str, ...], ...], merged: int) -> list[dict]:
+        return pool.records([sorted(index[name] for name in s) for s in picks], seed=merged)
+
+    run = adaptive_replay(
+        measure, method="average", experts=pool.experts, ks=KS, budget=budget, prior=prior
+    )
+    return run.records
 
 
 def test_an_adaptive_sweep_with_the_prior_starts_smaller_and_learns_more_per_merge() -> None:
