@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,9 @@ from hf_mergelaw.pool_model import (
     candidate_subsets,
     fit_pool,
     next_subsets,
+    pool_curve,
     pool_records,
+    prediction_targets,
     synthetic_pool,
 )
 from hf_mergelaw.pool_model.design import design
@@ -53,9 +53,10 @@ def covariance_with(model, extra: np.ndarray) -> np.ndarray:
     return hyper.sigma**2 * np.linalg.inv(a)
 
 
-def test_each_score_is_the_variance_the_merge_removes_after_the_earlier_picks(model):
+@pytest.mark.parametrize("kind", ["answers", "predictions"])
+def test_each_score_is_the_variance_the_merge_removes_after_the_earlier_picks(model, kind):
     candidates = candidate_subsets(model)[:40]
-    targets = answer_targets(model)
+    targets = answer_targets(model) if kind == "answers" else prediction_targets(model, candidates)
     picks = next_subsets(model, 4, candidates=candidates, targets=targets)
     before = np.sum((targets @ model.covariance) * targets, axis=1)
     chosen = np.zeros((0, M), dtype=bool)
@@ -70,12 +71,12 @@ def test_each_score_is_the_variance_the_merge_removes_after_the_earlier_picks(mo
         previous = after
 
 
-def test_a_round_names_distinct_unmerged_subsets_best_first(model):
+def test_a_round_names_distinct_unmerged_subsets_the_best_first(model):
     picks = next_subsets(model, 10)
     merged = {tuple(np.asarray(model.experts)[row]) for row in model.records.members}
     assert len({p.subset for p in picks}) == 10
     assert not {p.subset for p in picks} & merged
-    assert all(a.score >= b.score for a, b in itertools.pairwise(picks))
+    assert next_subsets(model, 1) == picks[:1]
     assert all(p.k == len(p.subset) for p in picks)
 
 
@@ -100,6 +101,13 @@ def test_targets_hold_the_curve_and_the_best_subset_contrasts(model):
     targets = answer_targets(model, top=3)
     # E[L | k] at each of the M sizes; two runner-up contrasts at each size but k = M.
     assert targets.shape == (M + 2 * (M - 1), model.theta.size)
+
+
+def test_prediction_targets_are_each_subsets_deviation_from_its_sizes_mean(model):
+    members = candidate_subsets(model)[::25]
+    curve = {point.k: point.mean for point in pool_curve(model)}
+    expected = model.predict(members).mean - [curve[k] for k in members.sum(axis=1)]
+    np.testing.assert_allclose(prediction_targets(model, members) @ model.theta, expected)
 
 
 def test_candidates_skip_merged_subsets_and_unmeasured_sizes(pool):

@@ -32,7 +32,13 @@ merge, such as the experts' weight-space Gram).
 """
 
 from .accuracy import coverage, shape_r2, spearman_within_k, within_k_r2
-from .acquisition import Pick, answer_targets, candidate_subsets, next_subsets
+from .acquisition import (
+    Pick,
+    answer_targets,
+    candidate_subsets,
+    next_subsets,
+    prediction_targets,
+)
 from .design import Curve
 from .errors import PoolModelError
 from .evidence import Hyper
@@ -84,6 +90,7 @@ __all__ = [
     "pool_curve",
     "pool_law",
     "pool_records",
+    "prediction_targets",
     "required_records",
     "select",
     "shape_r2",
