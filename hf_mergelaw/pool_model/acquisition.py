@@ -72,9 +72,9 @@ def prediction_targets(model: PoolModel, members: np.ndarray) -> np.ndarray:
     """(len(members), len(theta)) rows: each subset's predicted CE minus its size's pool mean,
     the within-size deviation the model's R^2 measures."""
     members = np.asarray(members, dtype=bool)
-    sizes = members.sum(axis=1)
-    means = {int(k): mean_row(model, int(k)) for k in np.unique(sizes)}
-    return design(model.curve, members) - np.array([means[int(k)] for k in sizes])
+    sizes, size_of = np.unique(members.sum(axis=1), return_inverse=True)
+    means = np.array([mean_row(model, int(k)) for k in sizes]).reshape(-1, model.theta.size)
+    return design(model.curve, members) - means[size_of]
 
 
 def candidate_subsets(model: PoolModel, seed: int = 0) -> np.ndarray:
