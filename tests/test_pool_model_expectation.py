@@ -20,15 +20,16 @@ from hf_mergelaw.pool_model.search import all_members, values
 from hf_mergelaw.subsets import sample_subsets
 
 
+@pytest.mark.parametrize("overlap", [1.0, 0.3, 0.0])
 @pytest.mark.parametrize("m", [2, 3, 5, 7])
-def test_moments_over_every_subset_equal_enumeration(m: int) -> None:
+def test_moments_over_every_subset_equal_enumeration(m: int, overlap: float) -> None:
     rng = np.random.default_rng(m)
     beta = rng.normal(0.3, 0.1, m)  # a non-zero mean: the formula must not assume centring
     gamma = rng.normal(0.05, 0.2, (m, m))
     gamma = np.triu(gamma, 1) + np.triu(gamma, 1).T
     for k in range(1, m + 1):
-        enumerated = values(beta, gamma, all_members(m, k))
-        mean, var = subset_moments(beta, gamma, k)
+        enumerated = values(beta, gamma, all_members(m, k), overlap)
+        mean, var = subset_moments(beta, gamma, k, overlap)
         assert mean == pytest.approx(enumerated.mean(), abs=1e-12)
         assert var == pytest.approx(enumerated.var(), abs=1e-12)
 

@@ -147,6 +147,30 @@ def test_the_misfit_scale_and_its_fall_with_k_are_estimated(pool, full_model):
     assert full_model.hyper.rho == pytest.approx(pool.rho, abs=0.6)
 
 
+def test_merges_that_average_every_member_keep_the_average_weights(pool, full_model):
+    """A free overlap would fit the misfit here, scaling every effect: the evidence keeps 1/k,
+    from every subset and from a sweep of fewer merges than parameters alike."""
+    small = fit_pool(pool_records(pool.records(balanced_design(M, 4, seed=0), seed=1))[0])
+    assert full_model.overlap == small.overlap == 1.0
+
+
+@pytest.mark.parametrize("overlap", [0.3, 0.6])
+def test_members_that_weigh_more_than_one_in_k_are_found_and_predicted(overlap: float):
+    """A disjoint mean (TIES's) weighs each member more than 1/k: the fit finds by how much
+    from a balanced sweep and predicts the unmerged subsets better than 1/k does."""
+    pool = replace(
+        synthetic_pool(M, seed=3, beta_sd=0.03, gamma_sd=0.01, strong_pairs=4), overlap=overlap
+    )
+    records = pool_records(pool.records(balanced_design(M, 8, seed=0), seed=1))[0]
+    model = fit_pool(records)
+    assert model.overlap == pytest.approx(overlap, abs=0.1)
+    members = pool.members([s for s in every_subset(M) if 1 < len(s) < M])
+    truth, k = pool.true_ce(members), members.sum(axis=1)
+    found = within_k_r2(truth, model.predict(members).mean, k)
+    held = within_k_r2(truth, fit_pool(records, overlap=1.0).predict(members).mean, k)
+    assert found > 0.95 and found > held
+
+
 def test_leave_one_out_predictions_equal_refits_without_the_record(balanced_model):
     """The closed form is exact at the chosen prior scales."""
     records, hyper = balanced_model.records, balanced_model.hyper
@@ -155,8 +179,9 @@ def test_leave_one_out_predictions_equal_refits_without_the_record(balanced_mode
     for left_out in (3, 20, 40):
         keep = np.arange(records.ce.size) != left_out
         stats = size_stats(records.members[keep], records.ce[keep])
-        refit = solve(normal_equations(stats, balanced_model.curve, hyper.rho), lam_beta, lam_gamma)
-        z = design(balanced_model.curve, records.members[left_out : left_out + 1])
+        equations = normal_equations(stats, balanced_model.curve, hyper.rho, hyper.overlap)
+        refit = solve(equations, lam_beta, lam_gamma)
+        z = balanced_model.rows(records.members[left_out : left_out + 1])
         assert (z @ refit.theta)[0] == pytest.approx(records.loo_mean[left_out], abs=1e-9)
 
 
@@ -195,6 +220,7 @@ def test_the_pool_file_round_trips(tmp_path, balanced_model):
     assert model.predict(members).mean == pytest.approx(balanced_model.predict(members).mean)
     assert model.predict(members).hi == pytest.approx(balanced_model.predict(members).hi)
     assert model.beta == pytest.approx(balanced_model.beta)
+    assert model.hyper == balanced_model.hyper
     assert np.allclose(model.covariance, balanced_model.covariance, rtol=0, atol=1e-15)
     assert model.group == balanced_model.group and loaded.by == ("method", "domain")
     assert np.array_equal(model.records.members, balanced_model.records.members)

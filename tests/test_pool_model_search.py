@@ -21,22 +21,27 @@ from hf_mergelaw.pool_model.search import all_members, greedy_members, local_sea
 from hf_mergelaw.subsets import sample_subsets
 
 
-def brute_force(beta: np.ndarray, gamma: np.ndarray, k: int, top: int) -> np.ndarray:
-    scored = values(beta, gamma, all_members(beta.size, k))
+def brute_force(
+    beta: np.ndarray, gamma: np.ndarray, k: int, top: int, overlap: float = 1.0
+) -> np.ndarray:
+    scored = values(beta, gamma, all_members(beta.size, k), overlap)
     return np.sort(scored)[:top]
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_the_search_finds_brute_forces_best_subsets_on_strongly_interacting_pools(seed: int):
-    """Pools of 10-15 experts where pairs dominate (many local optima); every size."""
+    """Pools of 10-15 experts where pairs dominate (many local optima); every size; members
+    weighing 1/k (an average) and more (a disjoint mean, where the pairs weigh more still)."""
     m = 10 + seed % 6
+    overlap = (1.0, 0.3)[seed % 2]
     pool = synthetic_pool(
         m, seed=seed, beta_sd=0.02, gamma_sd=0.05, strong_pairs=m // 2, outliers=1
     )
     for k in range(2, m - 1):
-        found = best_subsets(pool.beta, pool.gamma, k, top=5, seed=seed, limit=0)
+        found = best_subsets(pool.beta, pool.gamma, k, top=5, seed=seed, limit=0, overlap=overlap)
         assert found.method == "search"
-        assert found.values == pytest.approx(brute_force(pool.beta, pool.gamma, k, 5), abs=1e-12)
+        expected = brute_force(pool.beta, pool.gamma, k, 5, overlap)
+        assert found.values == pytest.approx(expected, abs=1e-12)
         assert (found.members.sum(axis=1) == k).all()
 
 
@@ -67,15 +72,16 @@ def test_local_search_ends_where_no_swap_helps_and_never_worsens():
                 assert values(pool.beta, pool.gamma, swapped) >= v - 1e-12
 
 
-def test_greedy_adds_the_expert_that_lowers_the_next_size_most():
+@pytest.mark.parametrize("overlap", [1.0, 0.3])
+def test_greedy_adds_the_expert_that_lowers_the_next_size_most(overlap: float):
     pool = synthetic_pool(7, seed=2, strong_pairs=2)
-    chosen = greedy_members(pool.beta, pool.gamma, 3)
-    two = greedy_members(pool.beta, pool.gamma, 2)
+    chosen = greedy_members(pool.beta, pool.gamma, 3, overlap)
+    two = greedy_members(pool.beta, pool.gamma, 2, overlap)
     options = []
     for j in np.flatnonzero(~two):
         grown = two.copy()
         grown[j] = True
-        options.append((values(pool.beta, pool.gamma, grown), j))
+        options.append((values(pool.beta, pool.gamma, grown, overlap), j))
     assert chosen[min(options)[1]] and (chosen & two).sum() == 2
 
 

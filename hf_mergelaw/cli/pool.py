@@ -25,7 +25,7 @@ from . import arguments
 from .output import add_json_options, emit, fmt, group_label
 
 if TYPE_CHECKING:
-    from ..pool_model import PoolModel, PoolReport, Selection
+    from ..pool_model import Hyper, PoolModel, PoolReport, Selection
 
 # `--all` lists 2^M - 1 subsets per group; beyond this pool size that is no longer a table.
 MAX_ALL_EXPERTS = 12
@@ -157,6 +157,11 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weight(hyper: Hyper) -> str:
+    """A member's weight at size k (:func:`~..pool_model.design.member_weight`)."""
+    return "1/k" if hyper.overlap == 1.0 else f"1/(1 + {fmt(hyper.overlap, 2)} (k-1))"
+
+
 def _fit_table(report: PoolReport, payload: dict[str, Any]) -> str:
     lines = []
     for model, data in zip(report.pools, payload["pools"], strict=True):
@@ -168,7 +173,8 @@ def _fit_table(report: PoolReport, payload: dict[str, Any]) -> str:
         )
         lines.append(
             f"   prior sd: beta {fmt(hyper.tau_beta)}, gamma {fmt(hyper.tau_gamma)}; misfit sd "
-            f"{fmt(hyper.sigma)} k^-{fmt(hyper.rho / 2, 2)}; each merge left out: R^2 within k "
+            f"{fmt(hyper.sigma)} k^{fmt(-hyper.rho / 2, 2)}; member weight {_weight(hyper)}; "
+            "each merge left out: R^2 within k "
             f"{fmt(loo['r2_within_k'])}, {model.level:.0%} intervals cover "
             f"{fmt(loo['coverage'], 3)}"
         )

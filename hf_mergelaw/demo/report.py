@@ -160,24 +160,27 @@ def pool_section(inputs: ReportInputs) -> list[str]:
     out = [
         "## Which experts to merge: the pool model",
         "",
-        "Per method, the pool model L(S) = f(k) + (1/k) Σ β_i + (1/k²) Σ γ_ij (f free per k; "
+        "Per method, the pool model L(S) = f(k) + w(k) Σ β_i + w(k)² Σ γ_ij (f free per k; "
+        "w(k) = 1/(1 + overlap (k - 1)), 1/k for an average, the overlap chosen by evidence "
+        "where a disjoint mean such as TIES's weighs each member more; "
         "each expert's effect β and each pair's interaction γ shrunk toward the exchangeable "
         "model by prior scales chosen by marginal likelihood) is fitted to the cross-domain CEs "
         f"of the sweep above, {held_text}. R² is that of the within-k deviations (what the pool "
         "model adds to the law's mean at each k); leave-one-out: each fitted merge predicted "
         "from the others.",
         "",
-        f"| method | fitted on | held out | R² within k (held out) | {held.model.level:.0%} "
-        "intervals cover (held out) | leave-one-out R² / coverage | best overall | its CE | "
-        f"merging all {m} | gain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | fitted on | overlap | held out | R² within k (held out) | "
+        f"{held.model.level:.0%} intervals cover (held out) | leave-one-out R² / coverage | "
+        f"best overall | its CE | merging all {m} | gain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in answers.methods:
         r2, covered = _held_out_scores(method)
         loo = method.leave_one_out
         best = method.overall
         out.append(
-            f"| {method.method} | {method.model.n_records} | {len(method.held_ce)} | {r2} | "
+            f"| {method.method} | {method.model.n_records} | {method.model.overlap:.2f} | "
+            f"{len(method.held_ce)} | {r2} | "
             f"{covered} | {loo['r2_within_k']:.3f} / {loo['coverage']:.0%} | {_subset(best)} "
             f"(k={best.k}) | {_selection_ce(best)} | {method.everything:.4f} | "
             f"{method.everything - best.mean:+.4f} |"

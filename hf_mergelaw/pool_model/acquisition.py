@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .design import design, split
+from .design import split
 from .errors import PoolModelError
 from .expectation import mean_row
 from .model import PoolModel
@@ -62,8 +62,8 @@ def answer_targets(model: PoolModel, top: int = DEFAULT_TOP) -> np.ndarray:
     for k in sizes:
         if math.comb(model.m, k) < 2:
             continue
-        ranked = best_subsets(beta, gamma, k, top=top).members
-        z = design(model.curve, ranked)
+        ranked = best_subsets(beta, gamma, k, top=top, overlap=model.overlap).members
+        z = model.rows(ranked)
         rows += list(z[0] - z[1:])
     return np.array(rows)
 
@@ -74,7 +74,7 @@ def prediction_targets(model: PoolModel, members: np.ndarray) -> np.ndarray:
     members = np.asarray(members, dtype=bool)
     sizes, size_of = np.unique(members.sum(axis=1), return_inverse=True)
     means = np.array([mean_row(model, int(k)) for k in sizes]).reshape(-1, model.theta.size)
-    return design(model.curve, members) - means[size_of]
+    return model.rows(members) - means[size_of]
 
 
 def candidate_subsets(model: PoolModel, seed: int = 0) -> np.ndarray:
@@ -124,7 +124,7 @@ def next_subsets(
             "is left to choose."
         )
     targets = answer_targets(model) if targets is None else np.atleast_2d(targets)
-    z = design(model.curve, candidates)
+    z = model.rows(candidates)
     noise = model.hyper.noise_var(candidates.sum(axis=1))
     before = np.sum((targets @ model.covariance) * targets, axis=1)
     weight = 1.0 / np.where(before > 0, before, np.inf)

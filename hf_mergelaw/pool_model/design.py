@@ -5,12 +5,21 @@ subset S of size k (docs/law.md section 3),
 
     L(S) = f(k) + (1/k) sum_{i in S} beta_i + (1/k^2) sum_{i != j in S} gamma_ij
 
+The 1/k is each member's share of a merge that averages every member's vector. TIES's disjoint
+mean averages an entry only over the members that keep it with the elected sign, so a member
+weighs more: ``w(k) = 1 / (1 + overlap (k - 1))`` in place of 1/k (and ``w(k)^2`` of 1/k^2),
+``overlap`` the share of the other members that join an entry's mean (1: an average; 0: a plain
+sum; about the density times the share of entries whose signs agree for TIES), chosen by
+evidence (:mod:`.evidence`). The model is
+
+    L(S) = f(k) + w(k) sum_{i in S} beta_i + w(k)^2 sum_{i != j in S} gamma_ij
+
 which is linear in the parameters ``theta = [curve (q), beta (M), gamma (P)]``: the curve part is
 one level per measured k (``free``) or ``L_inf, A`` of ``L_inf + A/(k + b)`` at a given b
 (``law``); ``gamma`` holds one value per unordered pair i < j (each enters twice in the sum)::
 
     curve = Curve.free([1, 2, 4])
-    Z = design(curve, members)                 # (n, 3 + M + M(M-1)/2)
+    Z = design(curve, members, overlap=1.0)    # (n, 3 + M + M(M-1)/2)
     f, beta, gamma = split(theta, curve.q, M)  # gamma: (M, M), symmetric, zero diagonal
 """
 
@@ -91,19 +100,24 @@ def pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(m, 1)
 
 
-def effect_design(members: np.ndarray) -> np.ndarray:
-    """(n, M + P): ``1/k`` for each member, ``2/k^2`` for each pair of members."""
+def member_weight(k: np.ndarray | int, overlap: float = 1.0) -> np.ndarray:
+    """``w(k)``, one member's weight in a merge of k (a pair's is ``w(k)^2``): 1/k at overlap 1."""
+    return 1.0 / (1.0 + overlap * (np.asarray(k, dtype=float) - 1.0))
+
+
+def effect_design(members: np.ndarray, overlap: float = 1.0) -> np.ndarray:
+    """(n, M + P): ``w(k)`` for each member, ``2 w(k)^2`` for each pair of members."""
     members = np.asarray(members, dtype=bool)
-    k = members.sum(axis=1, keepdims=True).astype(float)
+    w = member_weight(members.sum(axis=1, keepdims=True), overlap)
     i, j = pairs(members.shape[1])
     together = members[:, i] & members[:, j]
-    return np.hstack([members / k, together * (2.0 / k**2)])
+    return np.hstack([members * w, together * (2.0 * w**2)])
 
 
-def design(curve: Curve, members: np.ndarray) -> np.ndarray:
+def design(curve: Curve, members: np.ndarray, overlap: float = 1.0) -> np.ndarray:
     """(n, q + M + P) design rows of the subsets ``members`` (boolean, one row per subset)."""
     members = np.asarray(members, dtype=bool)
-    return np.hstack([curve.basis(members.sum(axis=1)), effect_design(members)])
+    return np.hstack([curve.basis(members.sum(axis=1)), effect_design(members, overlap)])
 
 
 def gamma_matrix(values: np.ndarray, m: int) -> np.ndarray:

@@ -4,7 +4,7 @@ For S uniform among the C(M, k) subsets, experts i_1..i_r are all in S with prob
 ``pi_r = k(k-1)...(k-r+1) / (M(M-1)...(M-r+1))``. The model's L(S) is a quadratic in the
 membership indicators, so its mean needs pi_1 and pi_2 and its variance pi_1..pi_4:
 
-    E[L | k] = f(k) + mean(beta) + (k-1)/k mean(gamma)
+    E[L | k] = f(k) + k w mean(beta) + k (k-1) w^2 mean(gamma)      (w = w(k), 1/k at overlap 1)
     Var[L | k] = sums of pi_r over the overlap patterns of two terms (see :func:`subset_moments`)
 
 No enumeration, so any pool size works::
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .design import split
+from .design import member_weight, split
 from .model import PoolModel
 
 DEFAULT_DRAWS = 2000
@@ -36,14 +36,18 @@ def inclusion(m: int, k: int, r: int) -> float:
     return math.prod((k - t) / (m - t) for t in range(r))
 
 
-def subset_moments(beta: np.ndarray, gamma: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance over uniform k-subsets of ``(1/k) sum beta_i + (1/k^2) sum_{i!=j}
-    gamma_ij``; ``beta`` (..., M), ``gamma`` (..., M, M) symmetric with a zero diagonal."""
+def subset_moments(
+    beta: np.ndarray, gamma: np.ndarray, k: int, overlap: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over uniform k-subsets of ``w sum beta_i + w^2 sum_{i!=j} gamma_ij``
+    (``w = 1/k`` at overlap 1: :func:`.design.member_weight`); ``beta`` (..., M), ``gamma``
+    (..., M, M) symmetric with a zero diagonal."""
     beta, gamma = np.asarray(beta, dtype=float), np.asarray(gamma, dtype=float)
     m = beta.shape[-1]
     p1, p2, p3, p4 = (inclusion(m, k, r) for r in (1, 2, 3, 4))
-    a = beta / k
-    c = 2.0 * gamma / k**2  # the coefficient of each pair i < j, as a full symmetric matrix
+    w = float(member_weight(k, overlap))
+    a = beta * w
+    c = 2.0 * gamma * w**2  # the coefficient of each pair i < j, as a full symmetric matrix
     big_a = a.sum(-1)
     row = c.sum(-1)  # r_i: the pairs containing i
     total = row.sum(-1) / 2  # T: every pair once
@@ -65,9 +69,10 @@ def mean_row(model: PoolModel, k: int) -> np.ndarray:
     """The functional of theta that is E[L | k] over every subset of the pool."""
     m = model.m
     n_pairs = m * (m - 1) // 2
-    pair = 2 * (k - 1) / (k * m * (m - 1)) if m > 1 else 0.0
+    w = float(member_weight(k, model.overlap))
+    pair = 2 * w**2 * k * (k - 1) / (m * (m - 1)) if m > 1 else 0.0
     return np.concatenate(
-        [model.curve.basis(np.array([k]))[0], np.full(m, 1 / m), np.full(n_pairs, pair)]
+        [model.curve.basis(np.array([k]))[0], np.full(m, w * k / m), np.full(n_pairs, pair)]
     )
 
 
@@ -115,7 +120,7 @@ def pool_curve(
         noise = float(model.hyper.noise_var(k)) if model.has_intervals else 0.0
         mean, var = model.linear(mean_row(model, k))
         half = t * math.sqrt(float(var[0]) + noise / n_subsets)
-        _, spread_var = subset_moments(beta, gamma, k)
+        _, spread_var = subset_moments(beta, gamma, k, model.overlap)
         spread = np.sqrt(spread_var + noise * (n_subsets - 1) / n_subsets)
         lo, mid, hi = np.quantile(spread, [0.5 - level / 2, 0.5, 0.5 + level / 2])
         if not model.has_intervals:

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from .design import CURVES, Curve, CurveKind
 from .errors import PoolModelError
-from .evidence import Choice, choose, choose_law, prior_precision, size_stats
+from .evidence import Choice, choose, choose_law, choose_overlap, prior_precision, size_stats
 from .model import FittedRecords, PoolModel
 from .prior import EffectPrior, effect_columns
 from .records import DEFAULT_BY, PoolRecords, pool_records
@@ -64,6 +64,7 @@ def fit_pool(
     curve: CurveKind = "free",
     level: float = 0.9,
     prior: EffectPrior | None = None,
+    overlap: float | None = None,
 ) -> PoolModel:
     """Fit one group's pool model.
 
@@ -75,6 +76,9 @@ def fit_pool(
         prior: features of the effects known before any merge (:mod:`.prior`, e.g. the experts'
             weight-space Gram): the effects are shrunk toward their fitted combination instead
             of toward zero, and ``source["prior"]`` records the fitted scales.
+        overlap: how a member's weight falls with k (:func:`.design.member_weight`): None
+            decides it by evidence (:func:`.evidence.choose_overlap`: 1, the average's 1/k,
+            unless the merges say otherwise, as TIES's disjoint mean does), a number holds it.
 
     Raises:
         PoolModelError: records that cannot identify the model (see :func:`check_identifiable`),
@@ -91,9 +95,17 @@ def fit_pool(
     # a 2-thread OpenBLAS ran this 30-170x slower than one thread.
     with threadpool_limits(limits=1, user_api="blas"):
         stats = size_stats(records.members, records.ce, prior)
-        choice = (
-            choose(stats, Curve.free(stats.ks.tolist())) if curve == "free" else choose_law(stats)
-        )
+        free = Curve.free(stats.ks.tolist())
+        if curve == "free":
+            choice = (
+                choose_overlap(stats, free)
+                if overlap is None
+                else choose(stats, free, overlap=overlap)
+            )
+        else:
+            if overlap is None:
+                overlap = choose_overlap(stats, free).hyper.overlap
+            choice = choose_law(stats, overlap)
         return posterior(records, choice, level, prior)
 
 
@@ -171,7 +183,7 @@ def posterior(
     # Effective parameters: each shrunk direction counts for less than one.
     edf = a_inv.shape[0] - float(np.diag(a_inv) @ precision)
     dof = max(eq.n - edf, 1.0)
-    z = np.hstack([curve.basis(records.k), effect_columns(records.members, prior)])
+    z = np.hstack([curve.basis(records.k), effect_columns(records.members, prior, hyper.overlap)])
     fitted = z @ solution.theta
     w = records.k.astype(float) ** hyper.rho  # each record's weight in the fit
     leverage = w * np.sum((z @ a_inv) * z, axis=1)

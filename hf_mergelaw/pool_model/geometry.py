@@ -236,7 +236,9 @@ def calibrate(prior: PoolModel, records: PoolRecords, level: float | None = None
     level = prior.level if level is None else level
     expected = prior.predict(records.members).mean
     residual = replace(records, ce=records.ce - expected)
-    correction = posterior(residual, choose_law(size_stats(records.members, residual.ce)), level)
+    # The correction adds to the expansion's parameters, so it weighs members as the expansion.
+    stats = size_stats(records.members, residual.ce)
+    correction = posterior(residual, choose_law(stats, prior.overlap), level)
     fitted = correction.records
     model = replace(
         correction,

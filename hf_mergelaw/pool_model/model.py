@@ -98,6 +98,15 @@ class PoolModel:
         return "group " + (", ".join(f"{k}={v}" for k, v in self.group.items()) or "all")
 
     @property
+    def overlap(self) -> float:
+        """How a member's weight falls with k (:func:`.design.member_weight`)."""
+        return self.hyper.overlap
+
+    def rows(self, members: np.ndarray) -> np.ndarray:
+        """The design rows of subsets ``members``: a subset's mean is ``rows @ theta``."""
+        return design(self.curve, members, self.overlap)
+
+    @property
     def has_intervals(self) -> bool:
         """False for a geometry model no merge calibrated: its misfit is unknown."""
         return not math.isnan(self.hyper.sigma)
@@ -182,7 +191,7 @@ class PoolModel:
             if isinstance(subsets, np.ndarray)
             else self.members_of(subsets)
         )
-        z = design(self.curve, members)
+        z = self.rows(members)
         mean, var = self.linear(z)
         k = members.sum(axis=1)
         sd = np.sqrt(var + self.hyper.noise_var(k))

@@ -106,10 +106,12 @@ class EffectPrior:
         }
 
 
-def effect_columns(members: np.ndarray, prior: EffectPrior | None) -> np.ndarray:
+def effect_columns(
+    members: np.ndarray, prior: EffectPrior | None, overlap: float = 1.0
+) -> np.ndarray:
     """The design columns after the curve's for subsets ``members``: the prior's scales first
     (each feature's combination of the effect columns), then beta and the gamma pairs."""
-    x = effect_design(members)
+    x = effect_design(members, overlap)
     return x if prior is None else np.hstack([x @ prior.features.T, x])
 
 

@@ -118,11 +118,11 @@ def select(
         known = _Known(model.records.members[here], model.records.ce[here])
         starts = None if previous is None or size != previous.sum() + 1 else _grown(previous)
         ranking = _rank_size(
-            beta, gamma, float(basis @ f_hat), size, known, top, starts, seed, limit
+            model, beta, gamma, float(basis @ f_hat), size, known, top, starts, seed, limit
         )
         previous = ranking.members[0]
         best, total = _draw_bests(
-            beta_draws, gamma_draws, f_draws @ basis, size, known, ranking, limit
+            model, beta_draws, gamma_draws, f_draws @ basis, size, known, ranking, limit
         )
         totals.append(total)
         bests.append(best)
@@ -165,6 +165,7 @@ def _grown(members: np.ndarray) -> np.ndarray:
 
 
 def _rank_size(
+    model: PoolModel,
     beta: np.ndarray,
     gamma: np.ndarray,
     level: float,
@@ -183,13 +184,22 @@ def _rank_size(
     m = beta.shape[-1]
     wanted = math.comb(m, k) if math.comb(m, k) <= limit else top
     while True:
-        found = best_subsets(beta, gamma, k, top=wanted, starts=starts, seed=seed, limit=limit)
+        found = best_subsets(
+            beta,
+            gamma,
+            k,
+            top=wanted,
+            starts=starts,
+            seed=seed,
+            limit=limit,
+            overlap=model.overlap,
+        )
         unmerged = int(np.isnan(known.lookup(found.members)).sum())
         if found.method == "enumeration" or unmerged >= top or wanted >= top + len(known.ce):
             break
         wanted = min(2 * wanted, top + len(known.ce))
     candidates = np.unique(np.concatenate([found.members, known.members]), axis=0)
-    model_total = level + values(beta, gamma, candidates)
+    model_total = level + values(beta, gamma, candidates, model.overlap)
     measured = known.lookup(candidates)
     totals = np.where(np.isnan(measured), model_total, measured)
     order = np.argsort(totals, kind="stable")[:top]
@@ -197,6 +207,7 @@ def _rank_size(
 
 
 def _draw_bests(
+    model: PoolModel,
     beta: np.ndarray,
     gamma: np.ndarray,
     level: np.ndarray,
@@ -218,7 +229,7 @@ def _draw_bests(
         best_index = np.zeros(d, dtype=int)
         for start in range(0, subsets.shape[0], _CHUNK):
             block = slice(start, start + _CHUNK)
-            scored = level[:, None] + effect_values(effects, subsets[block])
+            scored = level[:, None] + effect_values(effects, subsets[block], model.overlap)
             scored = np.where(np.isnan(measured[block]), scored, measured[block])
             index = scored.argmin(axis=1)
             value = scored[np.arange(d), index]
@@ -229,13 +240,16 @@ def _draw_bests(
     starts = np.concatenate(
         [
             np.broadcast_to(ranking.members, (d, *ranking.members.shape)),
-            greedy_members(beta, gamma, k)[:, None],
+            greedy_members(beta, gamma, k, model.overlap)[:, None],
         ],
         axis=1,
     )
     n = starts.shape[1]
     found, value = local_search(
-        np.repeat(beta, n, axis=0), np.repeat(gamma, n, axis=0), starts.reshape(d * n, m)
+        np.repeat(beta, n, axis=0),
+        np.repeat(gamma, n, axis=0),
+        starts.reshape(d * n, m),
+        model.overlap,
     )
     measured = known.lookup(found)
     total = np.where(np.isnan(measured), np.repeat(level, n) + value, measured).reshape(d, n)
@@ -346,7 +360,7 @@ def greedy_order(model: PoolModel, level: float | None = None) -> GreedyOrder:
     steps = []
     for size in range(1, model.m + 1):
         grown = _grown(chosen)
-        total = values(beta, gamma, grown)
+        total = values(beta, gamma, grown, model.overlap)
         if model.curve.covers(size):
             total = total + float(model.curve.basis(np.array([size]))[0] @ f_hat)
         measured = known.lookup(grown)

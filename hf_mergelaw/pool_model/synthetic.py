@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .design import pairs
+from .design import member_weight, pairs
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class SyntheticPool:
     b: float = 0.3
     noise_sd: float = 0.002
     rho: float = 1.0
+    overlap: float = 1.0
 
     @property
     def m(self) -> int:
@@ -47,8 +48,9 @@ class SyntheticPool:
         """The model's L(S), no misfit."""
         x = np.asarray(members, dtype=float)
         k = x.sum(axis=1)
+        w = member_weight(k, self.overlap)
         pair_sum = np.einsum("ni,ij,nj->n", x, self.gamma, x)
-        return self.L_inf + self.A / (k + self.b) + x @ self.beta / k + pair_sum / k**2
+        return self.L_inf + self.A / (k + self.b) + (x @ self.beta) * w + pair_sum * w**2
 
     def measure(self, members: np.ndarray, seed: int) -> np.ndarray:
         k = np.asarray(members).sum(axis=1)
