@@ -6,6 +6,7 @@ Values are checked on the ``--json`` output; the tables are checked for their ke
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,16 @@ M = 7
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A sweep's records: two methods, the macro CE and two domains' CEs."""
+    """A sweep's records: two methods, the macro CE and two domains' CEs; ties's merges weigh
+    each member as a disjoint mean does (overlap 0.35), average's 1/k."""
     subsets = [
         s for k in range(1, M + 1) for s in sample_subsets(M, k, strategy="balanced", per_k=7)
     ]
     rows = []
-    for method, seed in (("average", 0), ("ties", 1)):
-        code, math_ = synthetic_pool(M, seed=seed), synthetic_pool(M, seed=seed + 10)
+    for method, seed, overlap in (("average", 0, 1.0), ("ties", 1, 0.35)):
+        code, math_ = (
+            replace(synthetic_pool(M, seed=s), overlap=overlap) for s in (seed, seed + 10)
+        )
         for a, b in zip(code.records(subsets, method=method), math_.records(subsets), strict=True):
             per_domain = {"code": {"ce": a["ce"]}, "math": {"ce": b["ce"]}}
             rows.append({**a, "ce": (a["ce"] + b["ce"]) / 2, "per_domain": per_domain})
@@ -83,6 +87,8 @@ def test_fit_prints_the_same_json_and_a_table(capsys, sweep: Path, pool_file: Pa
     table = run_table(capsys, ["pool", "fit", str(sweep)])
     assert "== method=average,domain=macro: 7 experts, 43 merges, f(k) free" in table
     assert "beta e00" in table and "(synergy)" in table and "E[L|k]" in table
+    average, ties = table.split("== method=ties,domain=code")
+    assert "member weight 1/k;" in average and "member weight 1/(1 + 0.3" in ties
 
 
 def test_fit_with_a_law_curve_and_a_declared_pool(capsys, sweep: Path) -> None:

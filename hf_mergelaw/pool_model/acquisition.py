@@ -15,9 +15,10 @@ contrasts between the best subset and its runners-up, which decide the best-subs
 ``p_best``. A target's reduction counts relative to its variance before the batch, so targets on
 different scales weigh alike. :func:`prediction_targets` asks for subsets' own predictions
 instead (their deviations from their size's mean, what the held-out R^2 scores). Added to the
-default in an adaptive sweep they did not pay on the demo pool (20 replays each; ties_fused at 28
-merges without a prior: held-out R^2 0.892 -> 0.899; average at 20 with the curvature prior:
-R^2 0.9935 -> 0.9928, interval coverage 0.94 -> 0.97), so the default leaves them out::
+default in an adaptive sweep they did not pay on the demo pool (20 replays each, every member at
+1/k; ties_fused at 28 merges without a prior: held-out R^2 0.892 -> 0.899; average at 20 with
+the curvature prior: R^2 0.9935 -> 0.9928, interval coverage 0.94 -> 0.97), so the default
+leaves them out::
 
     picks = next_subsets(model, 8)                  # a round of 8 merges
     [(p.subset, p.score) for p in picks]
