@@ -8,11 +8,11 @@ The model (see :mod:`.design`) is a Gaussian linear model::
 (with an effect prior, :mod:`.prior`, beta and gamma are its features' flat-scaled sum plus
 these deviations). Zero is the exchangeable model (every expert alike, every pair alike: the
 pool's means of beta and gamma are absorbed by f(k)), so the priors shrink each expert's and
-each pair's effect toward it by as much as the data say. ``tau_beta``, ``tau_gamma``, ``rho``
-and the members' ``overlap`` (how a member's weight falls with k, :mod:`.design`) maximise the
-integrated likelihood (the parameters integrated out, the flat part included,
-``sigma`` profiled), never a hand-set constant. With ``lambda = tau^2 / sigma^2`` and
-``A = Z'WZ + diag(0, 1/lambda)`` (q: the flat parameters):
+each pair's effect toward it by as much as the data say. ``tau_beta``, ``tau_gamma`` and ``rho``
+maximise the integrated likelihood (the parameters integrated out, the flat part included,
+``sigma`` profiled), never a hand-set constant; so does the members' ``overlap`` (how a member's
+weight falls with k, :mod:`.design`) where it beats an average's 1/k (:func:`choose_overlap`).
+With ``lambda = tau^2 / sigma^2`` and ``A = Z'WZ + diag(0, 1/lambda)`` (q: the flat parameters):
 
     log p(ce) = -(n - q)/2 log sigma^2 + 1/2 sum log w - 1/2 log|Lambda| - 1/2 log|A| + const,
     sigma^2 = (ce'W ce - ce'WZ A^-1 Z'W ce) / (n - q)
@@ -90,9 +90,9 @@ class Hyper:
 @dataclass(frozen=True)
 class SizeStats:
     """Sufficient statistics per measured size k of the effect columns before their scale
-    (``members`` and ``2 * together``: at any overlap the columns are these times a factor of
-    k), their Gram in blocks (members, members x pairs, pairs: each block scales alike), and
-    the effect prior's ``features`` (None without one)."""
+    (``members`` and ``2 * together``; at any overlap a size's columns are these times w(k) and
+    w(k)^2), their Gram in blocks (members, members x pairs, pairs: each block scales alike),
+    and the effect prior's ``features`` (None without one)."""
 
     ks: np.ndarray
     n: np.ndarray
