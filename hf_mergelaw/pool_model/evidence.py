@@ -299,15 +299,16 @@ def choose_overlap(stats: SizeStats, curve: Curve) -> Choice:
     return free if gain > np.log(_OVERLAP_BAYES_FACTOR) else average
 
 
-def choose_law(stats: SizeStats, overlap: float | None = None) -> Choice:
-    """The per-size law's curve: b from :data:`LAW_B_GRID` by evidence at the free curve's prior
-    scales and overlap (they barely move with b), then the scales refitted at that b. The flat
-    prior on (L_inf, A) is the same at every b, so the evidences compare."""
+def choose_law(stats: SizeStats, free: Choice) -> Choice:
+    """The per-size law's curve: b from :data:`LAW_B_GRID` by evidence at the prior scales and
+    overlap of ``free``, the free curve's choice (they barely move with b), then the scales
+    refitted at that b and overlap. The flat prior on (L_inf, A) is the same at every b, so the
+    evidences compare."""
     ks = stats.ks.tolist()
-    u = choose(stats, Curve.free(ks), overlap=overlap).hyper.search_point()
+    u = free.hyper.search_point()
 
     def evidence(b: float) -> float:
         eq = normal_equations(stats, Curve.law(ks, b), u[2], u[3])
         return solve(eq, np.exp(u[0]), np.exp(u[1])).log_evidence
 
-    return choose(stats, Curve.law(ks, max(LAW_B_GRID, key=evidence)), u, overlap)
+    return choose(stats, Curve.law(ks, max(LAW_B_GRID, key=evidence)), u, free.hyper.overlap)

@@ -95,17 +95,14 @@ def fit_pool(
     # a 2-thread OpenBLAS ran this 30-170x slower than one thread.
     with threadpool_limits(limits=1, user_api="blas"):
         stats = size_stats(records.members, records.ce, prior)
-        free = Curve.free(stats.ks.tolist())
-        if curve == "free":
-            choice = (
-                choose_overlap(stats, free)
-                if overlap is None
-                else choose(stats, free, overlap=overlap)
-            )
-        else:
-            if overlap is None:
-                overlap = choose_overlap(stats, free).hyper.overlap
-            choice = choose_law(stats, overlap)
+        free_curve = Curve.free(stats.ks.tolist())
+        choice = (
+            choose_overlap(stats, free_curve)
+            if overlap is None
+            else choose(stats, free_curve, overlap=overlap)
+        )
+        if curve == "law":
+            choice = choose_law(stats, choice)
         return posterior(records, choice, level, prior)
 
 

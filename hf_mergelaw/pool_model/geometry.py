@@ -34,7 +34,7 @@ import numpy as np
 from ..subsets import sample_subsets
 from .design import Curve, pairs
 from .errors import PoolModelError
-from .evidence import Hyper, choose_law, size_stats
+from .evidence import Hyper, choose, choose_law, size_stats
 from .expectation import mean_row
 from .fit import posterior
 from .model import FittedRecords, PoolModel
@@ -238,7 +238,8 @@ def calibrate(prior: PoolModel, records: PoolRecords, level: float | None = None
     residual = replace(records, ce=records.ce - expected)
     # The correction adds to the expansion's parameters, so it weighs members as the expansion.
     stats = size_stats(records.members, residual.ce)
-    correction = posterior(residual, choose_law(stats, prior.overlap), level)
+    free = choose(stats, Curve.free(stats.ks.tolist()), overlap=prior.overlap)
+    correction = posterior(residual, choose_law(stats, free), level)
     fitted = correction.records
     model = replace(
         correction,

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .design import member_weight, pairs
+from .design import pairs
+from .search import values
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,9 @@ class SyntheticPool:
 
     def true_ce(self, members: np.ndarray) -> np.ndarray:
         """The model's L(S), no misfit."""
-        x = np.asarray(members, dtype=float)
-        k = x.sum(axis=1)
-        w = member_weight(k, self.overlap)
-        pair_sum = np.einsum("ni,ij,nj->n", x, self.gamma, x)
-        return self.L_inf + self.A / (k + self.b) + (x @ self.beta) * w + pair_sum * w**2
+        k = np.asarray(members).sum(axis=1)
+        effects = values(self.beta, self.gamma, members, self.overlap)
+        return self.L_inf + self.A / (k + self.b) + effects
 
     def measure(self, members: np.ndarray, seed: int) -> np.ndarray:
         k = np.asarray(members).sum(axis=1)
